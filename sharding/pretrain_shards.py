@@ -1,0 +1,128 @@
+"""Mixed-domain pretraining shards (webdataset tar files).
+
+A sample is one training window of one user's sequence, in *global* item indexes::
+
+    __key__     "office-00000042-000"        domain, user, window
+    json        {"items": [g1, g2, ...], "domain": "office", "domain_id": 0,
+                 "user": 42, "sample_id": 1234}
+
+A user's training sequence (everything before the valid and test items) is cut into windows
+of at most ``max_seq_len + 1`` items that overlap by one item, so every transition is a
+training target exactly once and no history is longer than ``max_seq_len``.
+Samples of all domains are shuffled together (seeded) and dealt round-robin into
+``num_shards`` shards: domains interleave across and within shards, and shard sizes differ
+by at most one.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+from sharding.atomic import atomic_path, sha256_file
+
+SHARD_PATTERN = "pretrain-{index:06d}.tar"
+
+
+@dataclass(frozen=True)
+class PretrainSample:
+    key: str
+    items: list[int]  # global item indexes, oldest first, 2..max_seq_len+1 of them
+    domain: str
+    domain_id: int
+    user: int
+    sample_id: int
+
+
+def training_windows(sequence: np.ndarray, max_seq_len: int) -> Iterator[np.ndarray]:
+    """Windows of at most ``max_seq_len + 1`` items covering every transition once.
+
+    ``[1..7]`` with ``max_seq_len=3`` -> ``[1,2,3,4]``, ``[4,5,6,7]``.
+    """
+    step = max_seq_len
+    for start in range(0, max(len(sequence) - 1, 0), step):
+        window = sequence[start : start + max_seq_len + 1]
+        if len(window) >= 2:
+            yield window
+
+
+def pretraining_samples(
+    domains: Iterable[tuple[str, int, int, list[np.ndarray]]], max_seq_len: int
+) -> list[PretrainSample]:
+    """Samples from ``(name, domain_id, global_offset, train_sequences)`` per domain.
+
+    ``train_sequences[u]`` holds user ``u``'s local item indexes (1-based); the global index
+    of local item ``i`` is ``global_offset + i``.
+    """
+    samples: list[PretrainSample] = []
+    for name, domain_id, offset, sequences in domains:
+        for user, sequence in enumerate(sequences):
+            for w, window in enumerate(training_windows(np.asarray(sequence), max_seq_len)):
+                samples.append(
+                    PretrainSample(
+                        key=f"{name}-{user:08d}-{w:03d}",
+                        items=[int(i) + offset for i in window],
+                        domain=name,
+                        domain_id=domain_id,
+                        user=user,
+                        sample_id=len(samples),
+                    )
+                )
+    return samples
+
+
+def write_shards(samples: list[PretrainSample], out_dir: Path, num_shards: int, seed: int) -> list[dict]:
+    """Shuffle ``samples`` and write them into ``num_shards`` tar shards under ``out_dir``.
+
+    Each shard is written to a temporary name and renamed when complete, so a reader never
+    opens a half-written shard. Returns one record per shard: name, num_samples, sha256,
+    bytes and samples per domain.
+    """
+    if not samples:
+        raise ValueError("no pretraining samples: mark at least one domain with 'pretrain: true'")
+    num_shards = max(1, min(num_shards, len(samples)))
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for index in range(num_shards):
+        members = [samples[i] for i in order[index::num_shards]]
+        name = SHARD_PATTERN.format(index=index)
+        with atomic_path(out_dir / name) as tmp:
+            _write_tar(tmp, members)
+        per_domain: dict[str, int] = {}
+        for sample in members:
+            per_domain[sample.domain] = per_domain.get(sample.domain, 0) + 1
+        records.append(
+            {
+                "name": name,
+                "num_samples": len(members),
+                "sha256": sha256_file(out_dir / name),
+                "bytes": (out_dir / name).stat().st_size,
+                "domains": per_domain,
+            }
+        )
+    return records
+
+
+def _write_tar(path: Path, samples: list[PretrainSample]) -> None:
+    # A fixed mtime makes the same samples give byte-identical shards (and digests).
+    with wds.TarWriter(str(path), mtime=0.0) as sink:
+        for sample in samples:
+            sink.write(
+                {
+                    "__key__": sample.key,
+                    "json": {
+                        "items": sample.items,
+                        "domain": sample.domain,
+                        "domain_id": sample.domain_id,
+                        "user": sample.user,
+                        "sample_id": sample.sample_id,
+                    },
+                }
+            )

@@ -1,0 +1,175 @@
+"""Stream pretraining shards as padded batches, the same number on every rank.
+
+Shards are assigned by position after a per-epoch seeded permutation: shard ``j`` of the
+permuted list goes to rank ``j % world_size``; a rank's shards are then split across its
+loader workers the same way. Each sequence is therefore read exactly once per epoch across
+all ranks and workers. Since shard sizes are known from the manifest, every rank computes
+the same ``batches_in_epoch`` and pads its stream with *filler* batches (all rows
+``lengths == 0``) so no rank leaves a collective early.
+
+A batch is a dict of tensors, always ``batch_size`` rows (rows past the real samples are
+filler)::
+
+    items      (B, T) int64   global item indexes, right-padded with 0, T = longest row
+    lengths    (B,)   int64   items per row; 0 = filler row
+    sample_id  (B,)   int64   stable id of the sample (-1 for filler)
+    domain_id  (B,)   int64   domain of the sample (-1 for filler)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import webdataset as wds
+
+from sharding.errors import DataError
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    url: str  # local path, http(s) URL or "pipe:CMD"
+    num_samples: int
+
+
+def pad_batch(rows: list[dict], batch_size: int) -> dict[str, torch.Tensor]:
+    """Collate decoded samples into a fixed-size padded batch (see module docstring)."""
+    width = max((len(r["items"]) for r in rows), default=1)
+    items = torch.zeros(batch_size, width, dtype=torch.long)
+    lengths = torch.zeros(batch_size, dtype=torch.long)
+    sample_id = torch.full((batch_size,), -1, dtype=torch.long)
+    domain_id = torch.full((batch_size,), -1, dtype=torch.long)
+    for i, row in enumerate(rows):
+        seq = row["items"]
+        items[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        lengths[i] = len(seq)
+        sample_id[i] = row["sample_id"]
+        domain_id[i] = row["domain_id"]
+    return {"items": items, "lengths": lengths, "sample_id": sample_id, "domain_id": domain_id}
+
+
+class _RankShards(torch.utils.data.IterableDataset):
+    """One rank's shards for one epoch; loader worker ``w`` reads ``per_worker[w]``."""
+
+    def __init__(self, per_worker: list[list[ShardSpec]], batch_size: int, shuffle_buffer: int, seed: int):
+        self.per_worker = per_worker
+        self.batch_size = batch_size
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info else 0
+        rng = random.Random(self.seed * 1000 + worker)
+        samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(
+            _read_shards(self.per_worker[worker])
+        )
+        rows: list[dict] = []
+        for sample in samples:
+            rows.append(sample)
+            if len(rows) == self.batch_size:
+                yield pad_batch(rows, self.batch_size)
+                rows = []
+        if rows:
+            yield pad_batch(rows, self.batch_size)
+
+
+def _read_shards(shards: list[ShardSpec]) -> Iterator[dict]:
+    """Decoded samples of ``shards`` in order; a short or unreadable shard is a DataError."""
+    for spec in shards:
+        count = 0
+        try:
+            for raw in wds.tarfile_to_samples()(iter([{"url": spec.url}])):
+                count += 1
+                yield json.loads(raw["json"])
+        except DataError:
+            raise
+        except Exception as err:  # tarfile and IO errors do not name the shard
+            raise DataError(f"cannot read shard: {err}", file=spec.url) from err
+        if count != spec.num_samples:
+            raise DataError(
+                f"shard holds {count} samples, the manifest says {spec.num_samples} "
+                "(truncated or replaced shard)",
+                file=spec.url,
+            )
+
+
+class ShardStream:
+    """Per-rank reader of pretraining shards.
+
+    Args:
+        shards: every shard of the data set with its sample count (from the manifest).
+        batch_size: rows per batch on this rank.
+        rank, world_size: this rank's place among the data-parallel workers.
+        num_workers: DataLoader worker processes on this rank (0 = read in-process).
+        seed: shard order and shuffle buffer are seeded by ``(seed, epoch)``.
+        shuffle_buffer: samples held for shuffling within a rank's stream.
+    """
+
+    def __init__(
+        self,
+        shards: list[ShardSpec],
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+    ):
+        if not shards:
+            raise ValueError("no shards to stream")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of size {world_size}")
+        self.shards = list(shards)
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    def assignment(self, epoch: int) -> list[list[list[ShardSpec]]]:
+        """``[rank][worker] -> shards`` for ``epoch``; identical on every rank."""
+        order = list(range(len(self.shards)))
+        random.Random(self.seed * 7919 + epoch).shuffle(order)
+        per_rank = [[self.shards[j] for j in order[r :: self.world_size]] for r in range(self.world_size)]
+        workers = max(self.num_workers, 1)
+        return [[shards[w::workers] for w in range(workers)] for shards in per_rank]
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        """Batches every rank yields in ``epoch`` (the largest rank's count)."""
+        return max(self._real_batches(worker_lists) for worker_lists in self.assignment(epoch))
+
+    def epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield exactly ``batches_in_epoch(epoch)`` batches: this rank's data, then fillers."""
+        assignment = self.assignment(epoch)
+        total = max(self._real_batches(w) for w in assignment)
+        dataset = _RankShards(
+            assignment[self.rank],
+            self.batch_size,
+            self.shuffle_buffer,
+            seed=self.seed * 1_000_003 + epoch * 1009 + self.rank,
+        )
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )
+        emitted = 0
+        for batch in loader:
+            emitted += 1
+            yield batch
+        for _ in range(total - emitted):
+            yield pad_batch([], self.batch_size)
+
+    def _real_batches(self, worker_lists: list[list[ShardSpec]]) -> int:
+        return sum(math.ceil(sum(s.num_samples for s in shards) / self.batch_size) for shards in worker_lists)
