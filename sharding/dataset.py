@@ -1,10 +1,10 @@
 """Read a dataset directory written by ``unisrec shard`` (layout in docs/data-format.md).
 
-    ds = Dataset("runs/data")
-    ds.domains["scientific"].num_items          # 4385
-    ds.embeddings("scientific")                 # (num_items + 1, D) float32, memory-mapped
-    ds.split("scientific", "test")              # user, history, target (local indexes)
-    ds.shard_specs()                            # pretraining shards with sample counts
+ds = Dataset("runs/data")
+ds.domains["scientific"].num_items          # 4385
+ds.embeddings("scientific")                 # (num_items + 1, D) float32, memory-mapped
+ds.split("scientific", "test")              # user, history, target (local indexes)
+ds.shard_specs()                            # pretraining shards with sample counts
 """
 
 from __future__ import annotations
@@ -87,7 +87,9 @@ class Dataset:
 
     def domain(self, name: str) -> DomainInfo:
         if name not in self.domains:
-            raise DataError(f"no domain {name!r}; it has {sorted(self.domains)}", file=self.root / MANIFEST)
+            raise DataError(
+                f"no domain {name!r}; it has {sorted(self.domains)}", file=self.root / MANIFEST
+            )
         return self.domains[name]
 
     def items(self, name: str) -> pd.DataFrame:
@@ -120,7 +122,9 @@ class Dataset:
         """``(1 + num_global_items, D) float32`` over all domains, indexed by global index."""
         table = np.zeros((1 + self.num_global_items, self.encoder_dim), dtype=np.float32)
         for info in self.domains.values():
-            table[info.offset + 1 : info.offset + 1 + info.num_items] = self.embeddings(info.name, worddrop)[1:]
+            table[info.offset + 1 : info.offset + 1 + info.num_items] = self.embeddings(
+                info.name, worddrop
+            )[1:]
         return table
 
     def shard_specs(self, base: str | None = None):
@@ -130,7 +134,9 @@ class Dataset:
 
         shards = self.manifest.get("shards")
         if not shards or not shards["files"]:
-            raise DataError("no pretraining shards (no domain has pretrain: true)", file=self.root / MANIFEST)
+            raise DataError(
+                "no pretraining shards (no domain has pretrain: true)", file=self.root / MANIFEST
+            )
         prefix = base.rstrip("/") if base else str(self.root / shards["dir"])
         return [ShardSpec(f"{prefix}/{f['name']}", f["num_samples"]) for f in shards["files"]]
 
@@ -143,7 +149,9 @@ class Dataset:
             if not path.is_file():
                 raise DataError("missing file listed in the manifest", file=path)
             if sha256_file(path) != digest:
-                raise DataError("content digest differs from the manifest (corrupt or changed)", file=path)
+                raise DataError(
+                    "content digest differs from the manifest (corrupt or changed)", file=path
+                )
 
     def _file(self, name: str, key: str) -> Path:
         return self.root / self.manifest["domains"][self.domain(name).name]["files"][key]["path"]

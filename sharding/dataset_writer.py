@@ -36,7 +36,9 @@ class EncodedDomain:
     worddrop_vectors: np.ndarray | None  # (num_items, D) float32, pretraining domains only
 
 
-def write_dataset(out: Path, domains: list[EncodedDomain], encoder: dict, cfg: ShardJobConfig) -> dict:
+def write_dataset(
+    out: Path, domains: list[EncodedDomain], encoder: dict, cfg: ShardJobConfig
+) -> dict:
     """Write all of ``domains`` under ``out`` and return the manifest."""
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -53,7 +55,9 @@ def write_dataset(out: Path, domains: list[EncodedDomain], encoder: dict, cfg: S
     return manifest
 
 
-def _write_into(root: Path, domains: list[EncodedDomain], encoder: dict, cfg: ShardJobConfig) -> dict:
+def _write_into(
+    root: Path, domains: list[EncodedDomain], encoder: dict, cfg: ShardJobConfig
+) -> dict:
     max_seq_len = cfg.processing.max_seq_len
     domain_entries: dict[str, dict] = {}
     offset = 0
@@ -65,13 +69,17 @@ def _write_into(root: Path, domains: list[EncodedDomain], encoder: dict, cfg: Sh
         files = {
             "items": _write_items(root, base, seqs, offset),
             "users": _write_parquet(
-                root, base / "users.parquet", pd.DataFrame({"index": range(len(seqs.user_keys)), "key": seqs.user_keys})
+                root,
+                base / "users.parquet",
+                pd.DataFrame({"index": range(len(seqs.user_keys)), "key": seqs.user_keys}),
             ),
             **_write_splits(root, base, seqs, max_seq_len),
             "embeddings": _write_vectors(root, base / "embeddings.npy", enc.vectors),
         }
         if enc.worddrop_vectors is not None:
-            files["embeddings_worddrop"] = _write_vectors(root, base / "embeddings_worddrop.npy", enc.worddrop_vectors)
+            files["embeddings_worddrop"] = _write_vectors(
+                root, base / "embeddings_worddrop.npy", enc.worddrop_vectors
+            )
         domain_entries[seqs.name] = {
             "domain_id": domain_id,
             "num_users": len(seqs.user_keys),
@@ -104,7 +112,7 @@ def _write_into(root: Path, domains: list[EncodedDomain], encoder: dict, cfg: Sh
     }
     manifest = {
         "format_version": FORMAT_VERSION,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "encoder": encoder,
         "domains": domain_entries,
         "shards": shards,
@@ -132,17 +140,25 @@ def _write_items(root: Path, base: Path, seqs: DomainSequences, offset: int) -> 
 def _write_splits(root: Path, base: Path, seqs: DomainSequences, max_seq_len: int) -> dict:
     rows = {"train": [], "valid": [], "test": []}
     for user, sequence in enumerate(seqs.sequences):
-        train, (valid_hist, valid_target), (test_hist, test_target) = leave_one_out(sequence, max_seq_len)
+        train, (valid_hist, valid_target), (test_hist, test_target) = leave_one_out(
+            sequence, max_seq_len
+        )
         rows["train"].append((user, np.asarray(train, dtype=np.int64)))
         rows["valid"].append((user, np.asarray(valid_hist, dtype=np.int64), int(valid_target)))
         rows["test"].append((user, np.asarray(test_hist, dtype=np.int64), int(test_target)))
     return {
-        "train": _write_parquet(root, base / "train.parquet", pd.DataFrame(rows["train"], columns=["user", "items"])),
+        "train": _write_parquet(
+            root, base / "train.parquet", pd.DataFrame(rows["train"], columns=["user", "items"])
+        ),
         "valid": _write_parquet(
-            root, base / "valid.parquet", pd.DataFrame(rows["valid"], columns=["user", "history", "target"])
+            root,
+            base / "valid.parquet",
+            pd.DataFrame(rows["valid"], columns=["user", "history", "target"]),
         ),
         "test": _write_parquet(
-            root, base / "test.parquet", pd.DataFrame(rows["test"], columns=["user", "history", "target"])
+            root,
+            base / "test.parquet",
+            pd.DataFrame(rows["test"], columns=["user", "history", "target"]),
         ),
     }
 

@@ -8,8 +8,13 @@ from pathlib import Path
 class DataError(ValueError):
     """Bad input data. ``str(err)`` reads ``FILE:LINE: field 'F': what is wrong``."""
 
-    def __init__(self, message: str, file: str | Path | None = None, line: int | None = None,
-                 field: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        file: str | Path | None = None,
+        line: int | None = None,
+        field: str | None = None,
+    ):
         self.file = str(file) if file is not None else None
         self.line = line
         self.field = field

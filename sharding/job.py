@@ -51,7 +51,9 @@ def run_shard_job(cfg: ShardJobConfig, out: str | Path, progress: bool = True) -
     for source, seqs in domains:
         if source.pretrain:
             rng = random.Random(f"{cfg.shards.seed}:{seqs.name}")
-            dropped[seqs.name] = [word_drop(t, cfg.encoder.word_drop_prob, rng) for t in seqs.item_texts]
+            dropped[seqs.name] = [
+                word_drop(t, cfg.encoder.word_drop_prob, rng) for t in seqs.item_texts
+            ]
     dropped_texts = sorted({t for ts in dropped.values() for t in ts})
     if dropped_texts:
         log.info("encoding %d word-drop texts", len(dropped_texts))
@@ -60,10 +62,18 @@ def run_shard_job(cfg: ShardJobConfig, out: str | Path, progress: bool = True) -
 
     encoded = []
     for source, seqs in domains:
-        own = vectors[np.fromiter((row_of[t] for t in seqs.item_texts), dtype=np.int64, count=len(seqs.item_texts))]
+        own = vectors[
+            np.fromiter(
+                (row_of[t] for t in seqs.item_texts), dtype=np.int64, count=len(seqs.item_texts)
+            )
+        ]
         wd = None
         if source.pretrain:
-            rows = np.fromiter((dropped_row[t] for t in dropped[seqs.name]), dtype=np.int64, count=len(seqs.item_texts))
+            rows = np.fromiter(
+                (dropped_row[t] for t in dropped[seqs.name]),
+                dtype=np.int64,
+                count=len(seqs.item_texts),
+            )
             wd = dropped_vectors[rows]
         encoded.append(EncodedDomain(seqs, source.pretrain, own.astype(np.float32), wd))
 

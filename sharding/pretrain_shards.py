@@ -76,7 +76,9 @@ def pretraining_samples(
     return samples
 
 
-def write_shards(samples: list[PretrainSample], out_dir: Path, num_shards: int, seed: int) -> list[dict]:
+def write_shards(
+    samples: list[PretrainSample], out_dir: Path, num_shards: int, seed: int
+) -> list[dict]:
     """Shuffle ``samples`` and write them into ``num_shards`` tar shards under ``out_dir``.
 
     Each shard is written to a temporary name and renamed when complete, so a reader never

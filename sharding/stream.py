@@ -55,7 +55,9 @@ def pad_batch(rows: list[dict], batch_size: int) -> dict[str, torch.Tensor]:
 class _RankShards(torch.utils.data.IterableDataset):
     """One rank's shards for one epoch; loader worker ``w`` reads ``per_worker[w]``."""
 
-    def __init__(self, per_worker: list[list[ShardSpec]], batch_size: int, shuffle_buffer: int, seed: int):
+    def __init__(
+        self, per_worker: list[list[ShardSpec]], batch_size: int, shuffle_buffer: int, seed: int
+    ):
         self.per_worker = per_worker
         self.batch_size = batch_size
         self.shuffle_buffer = shuffle_buffer
@@ -140,7 +142,9 @@ class ShardStream:
         """``[rank][worker] -> shards`` for ``epoch``; identical on every rank."""
         order = list(range(len(self.shards)))
         random.Random(self.seed * 7919 + epoch).shuffle(order)
-        per_rank = [[self.shards[j] for j in order[r :: self.world_size]] for r in range(self.world_size)]
+        per_rank = [
+            [self.shards[j] for j in order[r :: self.world_size]] for r in range(self.world_size)
+        ]
         workers = max(self.num_workers, 1)
         return [[shards[w::workers] for w in range(workers)] for shards in per_rank]
 
@@ -172,4 +176,7 @@ class ShardStream:
             yield pad_batch([], self.batch_size)
 
     def _real_batches(self, worker_lists: list[list[ShardSpec]]) -> int:
-        return sum(math.ceil(sum(s.num_samples for s in shards) / self.batch_size) for shards in worker_lists)
+        return sum(
+            math.ceil(sum(s.num_samples for s in shards) / self.batch_size)
+            for shards in worker_lists
+        )

@@ -21,7 +21,9 @@ def test_short_sequences_give_one_window_and_single_items_none():
 
 
 def test_samples_use_global_indexes():
-    samples = pretraining_samples([("a", 0, 0, [np.array([1, 2])]), ("b", 1, 10, [np.array([1, 3])])], 50)
+    samples = pretraining_samples(
+        [("a", 0, 0, [np.array([1, 2])]), ("b", 1, 10, [np.array([1, 3])])], 50
+    )
     assert [(s.domain, s.items) for s in samples] == [("a", [1, 2]), ("b", [11, 13])]
     assert [s.sample_id for s in samples] == [0, 1]
 

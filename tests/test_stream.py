@@ -28,7 +28,9 @@ def _write(tmp_path, num_users=(37, 23), num_shards=6, max_seq_len=5):
 
 
 def _read(specs, rank, world, workers, epoch, batch_size=4, seed=0):
-    stream = ShardStream(specs, batch_size, rank=rank, world_size=world, num_workers=workers, seed=seed)
+    stream = ShardStream(
+        specs, batch_size, rank=rank, world_size=world, num_workers=workers, seed=seed
+    )
     batches = list(stream.epoch(epoch))
     return stream, batches
 
@@ -76,7 +78,9 @@ def test_domains_interleave_within_shards(tmp_path):
 
 def test_seeded_shuffle_is_reproducible_and_changes_with_epoch(tmp_path):
     _, specs = _write(tmp_path)
-    order = lambda epoch: torch.cat([b["sample_id"] for b in _read(specs, 0, 1, 0, epoch)[1]]).tolist()  # noqa: E731
+    order = lambda epoch: torch.cat(
+        [b["sample_id"] for b in _read(specs, 0, 1, 0, epoch)[1]]
+    ).tolist()  # noqa: E731
     assert order(0) == order(0)
     assert order(0) != order(1)
 

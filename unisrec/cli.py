@@ -16,6 +16,10 @@ from pathlib import Path
 
 import yaml
 
+from cluster.local_ray import use_loopback
+
+use_loopback()  # before any module imports ray
+
 # job name -> "module:ConfigClass"; `config show` resolves any of them.
 JOB_CONFIGS = {
     "shard": "sharding.config:ShardJobConfig",
@@ -75,6 +79,17 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from pretrain.job import run_pretrain
+
+    overrides = list(args.overrides)
+    if args.num_workers is not None:
+        overrides.append(f"distributed.num_workers={args.num_workers}")
+    summary = run_pretrain(_load("pretrain", args.config, overrides), resume=args.resume)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unisrec",
@@ -102,30 +117,52 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="inspect a dataset directory")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     s = data_sub.add_parser(
-        "stats", help="per-domain users, items, interactions, shards", description="Reads DIR/manifest.json."
+        "stats",
+        help="per-domain users, items, interactions, shards",
+        description="Reads DIR/manifest.json.",
     )
     s.add_argument("dir")
-    s.add_argument("--json", action="store_true", help="print the manifest's domain records as JSON")
-    s.add_argument("--verify", action="store_true", help="check every file against its sha256 digest")
+    s.add_argument(
+        "--json", action="store_true", help="print the manifest's domain records as JSON"
+    )
+    s.add_argument(
+        "--verify", action="store_true", help="check every file against its sha256 digest"
+    )
     s.set_defaults(func=cmd_data_stats)
 
     p = sub.add_parser("config", help="show resolved configurations")
     cfg_sub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     s = cfg_sub.add_parser(
-        "show", help="print CONFIG with defaults filled in and overrides applied", description="Reads CONFIG only."
+        "show",
+        help="print CONFIG with defaults filled in and overrides applied",
+        description="Reads CONFIG only.",
     )
     s.add_argument("config")
     s.add_argument("overrides", nargs="*", help="key=value overrides")
-    s.add_argument("--job", choices=sorted(JOB_CONFIGS), help="config type (guessed from the keys if omitted)")
+    s.add_argument(
+        "--job", choices=sorted(JOB_CONFIGS), help="config type (guessed from the keys if omitted)"
+    )
     s.set_defaults(func=cmd_config_show)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain the UniSRec backbone on the shards with Ray Train + DeepSpeed; register it in MLflow",
+        description="Reads the dataset directory data.dir (manifest, text vectors, shards). Writes "
+        "checkpoints under output_dir/ray, output_dir/summary.json and pretrain_loss.png, an MLflow run "
+        "(params, per-step metrics, dataset input) and a registered backbone version with alias.",
+    )
+    p.add_argument("config", help="pretrain YAML (see benchmarks/configs/pretrain-shared.yaml)")
+    p.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. data.dir=runs/data optim.lr=3e-4"
+    )
+    p.add_argument("--num-workers", type=int, help="Ray Train workers (= distributed.num_workers)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the stopped run in output_dir from its last checkpoint",
+    )
+    p.set_defaults(func=cmd_pretrain)
     return parser
-
-
-# Later jobs (pretrain, finetune, ...) add their sub-commands here.
-_EXTRA_COMMANDS: list = []
 
 
 def main(argv: list[str] | None = None) -> int:

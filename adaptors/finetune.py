@@ -1,0 +1,469 @@
+"""The fine-tuning recipe (``unisrec finetune CONFIG.yaml``): one tenant's adaptor.
+
+    unisrec finetune benchmarks/configs/finetune-scientific.yaml
+    unisrec finetune benchmarks/configs/finetune-scientific.yaml \\
+        backbone=models:/unisrec-backbone@latest mode=transductive
+
+1. check the tenant may use its model name; open its MLflow run (the same one on resume)
+2. load the domain: text vectors, training windows, valid and test splits
+3. build the model: pull the backbone (its encoder checked against the data) or start from
+   scratch; freeze everything that does not train (see adaptors/config.py for the table)
+4. train: every window's prefixes in one causal pass, cross-entropy over all N items of the
+   domain; each epoch rank the valid users, keep the best state, stop after ``patience``
+   epochs without a better valid ``stop_metric``; ``last.pt`` lets a stopped run continue
+5. best state -> valid/test metrics (+ test by target popularity) -> metrics.json and MLflow
+6. write the adaptor bundle and catalogue; register the adaptor with lineage tags
+
+Output directory (``<output_root>/<tenant>``): ``last.pt`` (model, optimizer, epoch, best
+state), ``best.pt``, ``metrics.json``, ``adaptor/`` (bundle), ``catalogue/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adaptors.config import FinetuneConfig
+from adaptors.evaluate import (
+    EvalSplit,
+    catalogue_vectors,
+    item_popularity,
+    metrics_by_group,
+    metrics_from_ranks,
+    popularity_groups,
+    rank_split,
+    similarity_logits,
+)
+from adaptors.registry import AdaptorSpec, backbone_lineage, build_model, pull_backbone
+from sharding.dataset import Dataset
+from sharding.pretrain_shards import training_windows
+from unisrec.config import ConfigError, to_dict
+
+log = logging.getLogger(__name__)
+
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class DomainData:
+    """One domain, ready for training and evaluation (tensors on the training device)."""
+
+    text_table: torch.Tensor  # (N+1, D) float32, row 0 = padding
+    windows: torch.Tensor  # (W, L+1) int64 training windows, right-padded with 0
+    valid: EvalSplit
+    test: EvalSplit
+    popularity: np.ndarray  # (N+1,) int64 training interactions per item
+
+    @property
+    def num_items(self) -> int:
+        return self.text_table.shape[0] - 1
+
+
+def window_tensor(sequences: list[np.ndarray], max_seq_len: int) -> torch.Tensor:
+    """All training windows of all users: ``(W, max_seq_len + 1) int64``, right-padded with 0.
+
+    Input positions are ``[:, :-1]`` and their next-item targets ``[:, 1:]``; a target of 0
+    marks padding.
+    """
+    windows = [w for seq in sequences for w in training_windows(np.asarray(seq), max_seq_len)]
+    out = torch.zeros(len(windows), max_seq_len + 1, dtype=torch.long)
+    for row, window in enumerate(windows):
+        out[row, : len(window)] = torch.from_numpy(np.asarray(window, dtype=np.int64))
+    return out
+
+
+def load_domain(
+    dataset: Dataset, domain: str, max_seq_len: int, device: torch.device
+) -> DomainData:
+    info = dataset.domain(domain)
+    train = list(dataset.split(domain, "train")["items"])
+    windows = window_tensor(train, max_seq_len)
+    if len(windows) == 0:
+        raise ConfigError(f"data.domain: {domain!r} has no training sequence of two or more items")
+    return DomainData(
+        text_table=torch.from_numpy(np.array(dataset.embeddings(domain), dtype=np.float32)).to(
+            device
+        ),
+        windows=windows,
+        valid=EvalSplit.from_frame(dataset.split(domain, "valid"), max_seq_len),
+        test=EvalSplit.from_frame(dataset.split(domain, "test"), max_seq_len),
+        popularity=item_popularity(train, info.num_items),
+    )
+
+
+def next_item_loss(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    text_table: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """Cross-entropy of every position's next item over all N items of the domain.
+
+    inputs: ``(B, T)`` long, right-padded with 0; targets: ``(B, T)`` long, ``targets[b, t]``
+    follows ``inputs[b, :t+1]``, 0 = no target (padding). text_table: ``(N+1, D)``.
+    The candidate vectors are computed once per step, with gradients to the adaptor.
+    """
+    outputs = model.sequence_outputs(inputs, text_table)  # (B, T, H)
+    has_target = targets > 0
+    items = catalogue_vectors(model, text_table)  # (N, H)
+    logits = similarity_logits(model, outputs[has_target], items, temperature)  # (P, N)
+    return F.cross_entropy(logits, targets[has_target] - 1)
+
+
+def train_epoch(
+    model: nn.Module,
+    data: DomainData,
+    optimizer: torch.optim.Optimizer,
+    cfg: FinetuneConfig,
+    epoch: int,
+) -> float:
+    """One pass over all training windows in a seeded order; returns the mean batch loss."""
+    model.train()
+    device = data.text_table.device
+    # Seeded by epoch, so a resumed run sees the same order as an uninterrupted one.
+    order = torch.randperm(
+        len(data.windows), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    )
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    losses = []
+    for batch in order.split(cfg.optim.batch_size):
+        windows = data.windows[batch]
+        length = int((windows[:, :-1] > 0).sum(dim=1).max())  # trim padding shared by the batch
+        inputs = windows[:, :length].to(device)
+        targets = windows[:, 1 : length + 1].to(device)
+        loss = next_item_loss(model, inputs, targets, data.text_table, cfg.temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip > 0:
+            nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        optimizer.step()
+        losses.append(float(loss))
+    return float(np.mean(losses))
+
+
+def evaluate_model(
+    model: nn.Module, split: EvalSplit, data: DomainData, cfg: FinetuneConfig
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Full-ranking metrics of ``split`` and the ranks behind them ``(U,)``."""
+    ranks = rank_split(
+        model,
+        split,
+        data.text_table,
+        temperature=cfg.temperature,
+        exclude_history=cfg.eval.exclude_history,
+        batch_size=cfg.eval.batch_size,
+    )
+    return metrics_from_ranks(ranks, cfg.eval.ks), ranks
+
+
+def prepare_model(
+    cfg: FinetuneConfig, dataset: Dataset, backbone_uri: str
+) -> tuple[nn.Module, AdaptorSpec, list[nn.Parameter]]:
+    """Build the model ``cfg`` asks for; returns it, its spec and the parameters to train.
+
+    Frozen parameters get ``requires_grad=False`` and stay out of the optimizer, so they
+    cannot change (not even through weight decay).
+    """
+    info = dataset.domain(cfg.data.domain)
+    backbone, lineage, shape = None, {}, cfg.model
+    if backbone_uri != "none":
+        backbone, tags = pull_backbone(backbone_uri, dataset.encoder_name, dataset.encoder_dim)
+        shape = backbone.cfg
+        if cfg.baseline == "unisrec":
+            lineage = backbone_lineage(tags)
+        else:
+            backbone = None  # SASRec borrows the backbone's shape only
+    spec = AdaptorSpec(
+        tenant=cfg.tenant,
+        baseline=cfg.baseline,
+        mode=cfg.mode,
+        trains_everything=cfg.trains_everything,
+        backbone_config=asdict(shape),
+        text_dim=dataset.encoder_dim,
+        num_items=info.num_items,
+        temperature=cfg.temperature,
+        domain=cfg.data.domain,
+        data_digest=dataset.digest,
+        encoder=dict(dataset.manifest["encoder"]),
+        **lineage,
+    )
+    torch.manual_seed(cfg.seed)
+    model = build_model(spec, backbone)
+    if spec.trains_everything:
+        return model, spec, list(model.parameters())
+    model.requires_grad_(False)
+    trainable = list(model.adaptor_parameters())
+    for param in trainable:
+        param.requires_grad_(True)
+    return model, spec, trainable
+
+
+def run_identity(cfg: FinetuneConfig) -> dict:
+    """The settings a checkpoint must share with the config that resumes it."""
+    return {
+        "tenant": cfg.tenant,
+        "data": to_dict(cfg.data),
+        "backbone": cfg.backbone,
+        "model": to_dict(cfg.model) if cfg.backbone == "none" else None,
+        "mode": cfg.mode,
+        "full_finetune": cfg.full_finetune,
+        "baseline": cfg.baseline,
+        "seed": cfg.seed,
+    }
+
+
+def resolve_paths(cfg: FinetuneConfig) -> FinetuneConfig:
+    """Absolute data and output paths and tracking URI, so Ray tasks in other directories
+    read and write the same places as the driver."""
+    from unisrec.tracking import resolve_tracking_uri
+
+    if not cfg.tenant:
+        raise ConfigError("tenant: must be set (or use tenants: / --tenants)")
+    if not cfg.data.domain:
+        raise ConfigError("data.domain: must be set")
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, dir=str(Path(cfg.data.dir).resolve())),
+        output_dir=str(Path(cfg.resolved_output_dir).resolve()),
+        mlflow=dataclasses.replace(
+            cfg.mlflow, tracking_uri=resolve_tracking_uri(cfg.mlflow.tracking_uri)
+        ),
+    )
+
+
+def run_finetune(cfg: FinetuneConfig, restart: bool = False, progress: bool = True) -> dict:
+    """Fine-tune, evaluate and register one tenant's adaptor; returns the metrics plus where
+    things went (``output_dir``, ``run_id``, ``model_name``, ``model_version``)."""
+    import mlflow
+    from tqdm.auto import tqdm
+
+    from adaptors.registry import claim_model_name, register_adaptor, trained_state, write_bundle
+    from unisrec.tracking import config_params, configure_mlflow, git_commit
+
+    # 1. Names, paths and the MLflow run.
+    cfg = resolve_paths(cfg)
+    configure_mlflow(cfg.mlflow.tracking_uri)
+    claim_model_name(cfg.model_name, cfg.tenant)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resume = None if restart else _read_last(out, run_identity(cfg))
+    device = _device(cfg.device)
+
+    # 2-3. Data and model (the backbone version a resumed run started with, not the alias's now).
+    dataset = Dataset(cfg.data.dir)
+    backbone_uri = cfg.backbone
+    if resume and AdaptorSpec(**resume["spec"]).backbone_uri:
+        backbone_uri = AdaptorSpec(**resume["spec"]).backbone_uri
+    model, spec, trainable = prepare_model(cfg, dataset, backbone_uri)
+    model.to(device)
+    data = load_domain(dataset, cfg.data.domain, model.encoder.max_seq_len, device)
+    optimizer = torch.optim.Adam(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    loop = _LoopState(best_state=_clone_state(model))
+    if resume:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        loop = _LoopState(**resume["loop"])
+        log.info(
+            "%s: resuming after epoch %d from %s", cfg.tenant, loop.epoch, out / LAST_CHECKPOINT
+        )
+    log.info(
+        "%s: %d windows, %d items, %d trainable of %d parameters",
+        cfg.tenant,
+        len(data.windows),
+        data.num_items,
+        sum(p.numel() for p in trainable),
+        sum(p.numel() for p in model.parameters()),
+    )
+
+    mlflow.set_experiment(cfg.mlflow.experiment)
+    with mlflow.start_run(run_id=resume["run_id"] if resume else None, run_name=cfg.tenant) as run:
+        if not resume:
+            mlflow.log_params(config_params(cfg))
+            mlflow.set_tags(
+                {
+                    "git_commit": git_commit(),
+                    "unisrec.kind": "finetune",
+                    "unisrec.tenant": cfg.tenant,
+                    **spec.lineage_tags(),
+                }
+            )
+
+        # 4. Train with early stopping.
+        bar = tqdm(
+            range(loop.epoch, cfg.optim.max_epochs),
+            desc=cfg.tenant,
+            disable=not progress or loop.stopped,
+        )
+        for epoch in bar:
+            if loop.stopped:
+                break
+            started = time.perf_counter()
+            loss = train_epoch(model, data, optimizer, cfg, epoch)
+            valid, _ = evaluate_model(model, data.valid, data, cfg)
+            score = valid[cfg.eval.stop_metric]
+            loop.epoch = epoch + 1
+            if score > loop.best_metric:
+                loop.best_metric, loop.best_epoch, loop.bad_epochs = score, epoch + 1, 0
+                loop.best_state = _clone_state(model)
+                _save(
+                    out / BEST_CHECKPOINT,
+                    {"epoch": epoch + 1, "valid": valid, "model": loop.best_state},
+                )
+            else:
+                loop.bad_epochs += 1
+                loop.stopped = loop.bad_epochs >= cfg.optim.patience
+            seconds = time.perf_counter() - started
+            mlflow.log_metrics(
+                {"train_loss": loss, "epoch_seconds": seconds, **_metric_names("valid", valid)},
+                step=epoch + 1,
+            )
+            bar.set_postfix(loss=f"{loss:.4f}", **{cfg.eval.stop_metric: f"{score:.4f}"})
+            log.info(
+                "%s: epoch %d loss %.4f valid %s %.4f (best %.4f @ %d) %.1f s",
+                cfg.tenant, epoch + 1, loss, cfg.eval.stop_metric, score, loop.best_metric, loop.best_epoch, seconds,
+            )  # fmt: skip
+            _save(
+                out / LAST_CHECKPOINT,
+                {
+                    "identity": run_identity(cfg),
+                    "spec": asdict(spec),
+                    "run_id": run.info.run_id,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "loop": asdict(loop),
+                },
+            )
+
+        # 5. The best state's metrics.
+        model.load_state_dict(loop.best_state)
+        valid, _ = evaluate_model(model, data.valid, data, cfg)
+        test, test_ranks = evaluate_model(model, data.test, data, cfg)
+        groups = popularity_groups(data.popularity, cfg.eval.popularity_groups)
+        metrics = {
+            "tenant": cfg.tenant,
+            "valid": valid,
+            "test": test,
+            "test_by_popularity": metrics_by_group(
+                test_ranks, data.test.targets, groups, data.popularity, k=cfg.eval.ks[0]
+            ),
+            "best_epoch": loop.best_epoch,
+            "epochs_run": loop.epoch,
+            "mode": cfg.mode,
+            "baseline": cfg.baseline,
+            "full_finetune": cfg.full_finetune,
+            "backbone": spec.backbone_uri or "none",
+        }
+        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        mlflow.log_metrics({**_metric_names("best_valid", valid), **_metric_names("test", test)})
+        mlflow.log_metric("best_epoch", loop.best_epoch)
+        mlflow.log_artifact(str(out / METRICS_FILE))
+
+    # 6. Bundle, catalogue, registry (its own start_run on the same run).
+    bundle = write_bundle(out / "adaptor", spec, trained_state(model, spec))
+    catalogue_dir = _write_catalogue(out / "catalogue", dataset, cfg.data.domain)
+    version = register_adaptor(
+        run_id=run.info.run_id,
+        name=cfg.model_name,
+        alias=cfg.mlflow.alias,
+        bundle_dir=bundle,
+        catalogue_dir=catalogue_dir,
+        spec=spec,
+    )
+    log.info(
+        "%s: registered %s version %s (alias %s)",
+        cfg.tenant,
+        cfg.model_name,
+        version,
+        cfg.mlflow.alias,
+    )
+    return {
+        **metrics,
+        "output_dir": str(out),
+        "run_id": run.info.run_id,
+        "model_name": cfg.model_name,
+        "model_version": version,
+    }
+
+
+@dataclass
+class _LoopState:
+    """What early stopping needs to continue after a restart."""
+
+    best_state: dict
+    epoch: int = 0  # epochs completed
+    best_epoch: int = 0  # 0 = the initial state (no epoch beat it)
+    best_metric: float = -1.0
+    bad_epochs: int = 0
+    stopped: bool = False
+
+
+def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _metric_names(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    # MLflow metric names may not contain '@'.
+    return {f"{prefix}_{k.replace('@', '_at_')}": v for k, v in metrics.items()}
+
+
+def _save(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)  # a crash mid-save leaves the previous checkpoint intact
+
+
+def _read_last(out: Path, identity: dict) -> dict | None:
+    path = out / LAST_CHECKPOINT
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["identity"] != identity:
+        changed = sorted(k for k in identity if state["identity"].get(k) != identity[k])
+        raise ConfigError(
+            f"{path} belongs to a run with different {', '.join(changed)}; "
+            "pass --restart to start over or choose another output_dir"
+        )
+    return state
+
+
+def _write_catalogue(directory: Path, dataset: Dataset, domain: str) -> Path:
+    """The domain's items as the tenant's catalogue; items added to an earlier catalogue of
+    the same domain are kept."""
+    from adaptors.serving import Catalogue
+
+    items = dataset.items(domain).sort_values("index")
+    keys = list(items["key"])
+    fresh = Catalogue(
+        keys,
+        list(items["text"]),
+        np.array(dataset.embeddings(domain)),
+        len(keys),
+        dict(dataset.manifest["encoder"]),
+    )
+    if (directory / "catalogue.json").is_file():
+        previous = Catalogue.load(directory)
+        if previous.keys[: len(keys)] == keys and len(previous) > len(keys):
+            extra = slice(len(keys), None)
+            fresh = fresh.with_items(
+                previous.keys[extra], previous.texts[extra], previous.vectors[len(keys) + 1 :]
+            )
+    fresh.save(directory)
+    return directory
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

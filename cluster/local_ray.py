@@ -1,0 +1,48 @@
+"""Start or join Ray. A local Ray (no cluster address) binds to 127.0.0.1 only.
+
+Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once, when it is first imported: the CLI and
+the tests call :func:`use_loopback` before anything imports ray.
+"""
+
+from __future__ import annotations
+
+import os
+
+LOOPBACK_ENV = {
+    # Ray's own default binds the node to the machine's network address; this keeps the
+    # raylet, object store and the gloo groups Ray Train creates on 127.0.0.1.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "GLOO_SOCKET_IFNAME": "lo",
+    "MASTER_ADDR": "127.0.0.1",
+    "RAY_AUTH_MODE": "disabled",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+def use_loopback() -> None:
+    """Keep a local Ray and its gloo groups on 127.0.0.1 (unless joining a cluster)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    for key, value in LOOPBACK_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
+    """Connect to ``address`` (or ``$RAY_ADDRESS``), else start a local loopback-only Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address)
+        return
+    use_loopback()
+    ray.init(
+        address="local",  # a new local instance, never another user's Ray on this machine
+        num_cpus=num_cpus or os.cpu_count(),
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": {k: os.environ[k] for k in LOOPBACK_ENV}},
+        log_to_driver=True,
+    )

@@ -1,0 +1,87 @@
+"""Configuration of the pretraining job (``unisrec pretrain CONFIG.yaml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pretrain.model import BackboneConfig
+from unisrec.config import ConfigError
+
+
+@dataclass
+class PretrainDataConfig:
+    dir: str = "runs/data"  # dataset directory written by `unisrec shard`
+    shard_base: str = ""  # read shards from here instead (URL prefix or "pipe:..." prefix)
+    batch_size: int = 256  # sequences per worker per step (global batch = batch_size x workers)
+    loader_workers: int = 1  # DataLoader processes per worker reading shards
+    shuffle_buffer: int = 2000
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.07
+    lam: float = 1e-3  # L = L_seq-item + lam * L_seq-seq
+    item_drop_batch_prob: float = 0.9  # per batch: item drop with this p, else word drop
+    item_keep_prob: float = 0.8  # item drop keeps each item (always the first) with this p
+    word_drop_position_prob: float = 0.2  # word drop: a position takes its word-drop vector
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0  # 0 disables
+    epochs: int = 10
+    max_steps: int = 0  # stop after this many steps (0 = run all epochs)
+
+
+@dataclass
+class DistributedConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 on GPUs; fp16 is not offered
+    checkpoint_every: int = 50  # steps between checkpoints (also at each epoch end)
+    keep_checkpoints: int = 2
+    max_failures: int = 1  # worker-group restarts Ray may make after a failure
+    ray_address: str = ""  # "" = $RAY_ADDRESS or a local loopback Ray
+    storage_path: str = ""  # Ray Train storage (checkpoints); "" = <output_dir>/ray
+
+    def validate(self) -> None:
+        if not 0 <= self.zero_stage <= 3:
+            raise ConfigError(f"zero_stage: must be 0..3, got {self.zero_stage}")
+        if self.num_workers < 1:
+            raise ConfigError(f"num_workers: must be >= 1, got {self.num_workers}")
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
+    experiment: str = "unisrec-pretrain"
+    registered_model: str = "unisrec-backbone"
+    alias: str = "current"  # MLflow reserves "latest" (models:/NAME/latest = newest version)
+
+
+@dataclass
+class FaultInjection:
+    """For tests of recovery: the rank's process exits once at this step (0 = never)."""
+
+    kill_rank: int = 0
+    kill_at_step: int = 0
+
+
+@dataclass
+class PretrainConfig:
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    model: BackboneConfig = field(default_factory=BackboneConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    fault: FaultInjection = field(default_factory=FaultInjection)
+    output_dir: str = "runs/pretrain"
+    seed: int = 42
+    log_every: int = 10  # steps between metric reports

@@ -1,0 +1,237 @@
+"""The pretraining job (``unisrec pretrain CONFIG.yaml``), run from the driver.
+
+1. open an MLflow run: the whole config as params, the dataset manifest as an input, git commit
+2. Ray Train ``TorchTrainer`` runs :func:`pretrain.worker.train_loop_per_worker` on N workers
+   (restarted from the last checkpoint on failure; ``--resume`` continues a stopped run)
+3. consolidate the final DeepSpeed checkpoint into one fp32 backbone
+4. register it (lineage tags + alias) and write ``summary.json`` to the output directory
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from pretrain.config import PretrainConfig
+from sharding.dataset import Dataset
+from unisrec.config import to_dict
+from unisrec.tracking import config_hash, config_params, configure_mlflow, git_commit
+
+log = logging.getLogger(__name__)
+RUN_STATE = "run.json"
+
+
+def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
+    """Pretrain, register the backbone, return the summary (also written to summary.json)."""
+    import mlflow
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cluster.local_ray import ensure_ray
+    from pretrain.worker import train_loop_per_worker
+
+    out = Path(cfg.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.replace(
+        cfg,
+        output_dir=str(out),
+        data=dataclasses.replace(cfg.data, dir=str(Path(cfg.data.dir).resolve())),
+        mlflow=dataclasses.replace(
+            cfg.mlflow, tracking_uri=configure_mlflow(cfg.mlflow.tracking_uri)
+        ),
+    )
+    dataset = Dataset(cfg.data.dir)
+    dataset.shard_specs(cfg.data.shard_base or None)  # fail here, not in every worker
+
+    # 1. The MLflow run (the same one again on --resume).
+    previous = _read_run_state(out) if resume else None
+    if resume and previous is None:
+        raise FileNotFoundError(f"--resume: no earlier run in {out} ({RUN_STATE} missing)")
+    mlflow.set_experiment(cfg.mlflow.experiment)
+    run_name = (
+        previous["ray_run_name"] if previous else f"pretrain-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    with mlflow.start_run(
+        run_id=previous["run_id"] if previous else None, run_name=run_name
+    ) as run:
+        run_id = run.info.run_id
+        if not previous:
+            mlflow.log_params(config_params(cfg))
+            mlflow.set_tags(
+                {
+                    "git_commit": git_commit(),
+                    "unisrec.kind": "pretrain",
+                    "unisrec.data_digest": dataset.digest,
+                }
+            )
+            mlflow.log_input(_manifest_as_dataset(dataset), context="pretraining")
+            mlflow.log_dict(dataset.manifest, "dataset_manifest.json")
+    (out / RUN_STATE).write_text(json.dumps({"run_id": run_id, "ray_run_name": run_name}))
+
+    # 2. Ray Train: N DeepSpeed workers; a failed worker restarts the group from the last checkpoint.
+    ensure_ray(cfg.distributed.ray_address)
+    storage = Path(cfg.distributed.storage_path or out / "ray").resolve()
+    resources = {"CPU": cfg.distributed.cpus_per_worker}
+    if cfg.distributed.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": to_dict(cfg), "mlflow_run_id": run_id},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.distributed.num_workers,
+            use_gpu=cfg.distributed.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.distributed.keep_checkpoints),
+        ),
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - started
+    if result.checkpoint is None:
+        raise RuntimeError("pretraining finished without a checkpoint")
+
+    # 3. One fp32 backbone from the final (possibly ZeRO-partitioned) checkpoint.
+    model, final_metrics = _consolidate(result.checkpoint, cfg, dataset.encoder_dim)
+
+    # 4. Register with lineage, then the summary.
+    from pretrain.registry import register_backbone
+
+    version = register_backbone(
+        model,
+        run_id=run_id,
+        name=cfg.mlflow.registered_model,
+        alias=cfg.mlflow.alias,
+        data_digest=dataset.digest,
+        encoder=dataset.encoder_name,
+        encoder_dim=dataset.encoder_dim,
+        config_hash=config_hash(cfg),
+    )
+    history = _metric_history(run_id)
+    summary = {
+        "run_id": run_id,
+        "registered_model": cfg.mlflow.registered_model,
+        "model_version": version,
+        "model_uri": f"models:/{cfg.mlflow.registered_model}@{cfg.mlflow.alias}",
+        "tracking_uri": cfg.mlflow.tracking_uri,
+        "steps": final_metrics.get("step"),
+        "samples_seen": final_metrics.get("samples_seen"),
+        "wall_seconds": wall,
+        # Training throughput (mean over logged windows; excludes Ray and DeepSpeed start-up).
+        "sequences_per_second": _mean_metric(run_id, "sequences_per_second"),
+        "tokens_per_second": _mean_metric(run_id, "tokens_per_second"),
+        "final_loss": final_metrics.get("loss"),
+        "final_loss_seq_item": final_metrics.get("loss_seq_item"),
+        "final_loss_seq_seq": final_metrics.get("loss_seq_seq"),
+        "first_loss": history[0][1] if history else None,
+        "checkpoint": result.checkpoint.path,
+        "num_workers": cfg.distributed.num_workers,
+        "zero_stage": cfg.distributed.zero_stage,
+    }
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metric("wall_seconds", wall)
+        mlflow.log_dict(summary, "summary.json")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _plot_loss(run_id, out / "pretrain_loss.png")
+    return summary
+
+
+def _consolidate(checkpoint, cfg: PretrainConfig, text_dim: int):
+    """Merge the checkpoint in a Ray task (DeepSpeed stays out of the driver process)."""
+    import ray
+    import torch
+
+    from pretrain.consolidate import consolidated_state_dict
+    from pretrain.model import UniSRec
+    from pretrain.worker import STATE_FILE
+
+    state_dict = ray.get(ray.remote(num_cpus=1)(consolidated_state_dict).remote(checkpoint.path))
+    model = UniSRec(cfg.model, text_dim=text_dim)
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()})
+    state_path = Path(checkpoint.path) / STATE_FILE
+    metrics = json.loads(state_path.read_text()) if state_path.exists() else {}
+    metrics.update(_last_metrics(cfg, checkpoint))
+    return model, metrics
+
+
+def _last_metrics(cfg, checkpoint) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    run = json.loads((Path(cfg.output_dir) / RUN_STATE).read_text())["run_id"]
+    data = MlflowClient().get_run(run).data.metrics
+    return {k: data[k] for k in ("loss", "loss_seq_item", "loss_seq_seq") if k in data}
+
+
+def _metric_history(run_id: str, key: str = "loss") -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    return sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key))
+
+
+def _mean_metric(run_id: str, key: str) -> float | None:
+    values = [v for _, v in _metric_history(run_id, key)]
+    return sum(values) / len(values) if values else None
+
+
+def _read_run_state(out: Path) -> dict | None:
+    path = out / RUN_STATE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _manifest_as_dataset(dataset: Dataset):
+    """The shard manifest as an MLflow dataset input (one row per domain, manifest digest)."""
+    import mlflow.data
+
+    rows = [
+        {
+            "domain": d.name,
+            "users": d.num_users,
+            "items": d.num_items,
+            "interactions": d.num_interactions,
+            "pretrain": d.pretrain,
+        }
+        for d in dataset.domains.values()
+    ]
+    return mlflow.data.from_pandas(
+        pd.DataFrame(rows),
+        source=str(dataset.root),
+        name=f"unisrec-shards-{dataset.digest[:8]}",
+        digest=dataset.digest[:32],
+    )
+
+
+def _plot_loss(run_id: str, path: Path) -> None:
+    """Training curves as a PNG beside summary.json and as a run artifact."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for key in ("loss", "loss_seq_item"):
+        history = _metric_history(run_id, key)
+        if history:
+            axes[0].plot(*zip(*history), label=key)
+    axes[0].set_xlabel("step")
+    axes[0].set_title("pretraining loss")
+    axes[0].legend()
+    history = _metric_history(run_id, "sequences_per_second")
+    if history:
+        axes[1].plot(*zip(*history))
+    axes[1].set_xlabel("step")
+    axes[1].set_title("sequences / s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_artifact(str(path))

@@ -1,0 +1,186 @@
+"""UniSRec's two contrastive pretraining losses, with negatives shared across ranks.
+
+* sequence-item (L_si): a sequence prefix should score its next item above every other
+  distinct item of the global batch;
+* sequence-sequence (L_ss): a sequence should score its own augmented view above the other
+  sequences' augmented views.
+
+Both use cosine similarity over a temperature. ``loss = L_si + lam * L_ss``, each term a
+mean over the whole global batch, so 1 worker and N workers on the same global batch give
+the same loss and (after DDP/DeepSpeed's gradient averaging) the same gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.augment import augment
+from pretrain.gather import Gather
+from pretrain.model import UniSRec
+
+
+def seq_item_loss(
+    queries: torch.Tensor,
+    targets: torch.Tensor,
+    keys: torch.Tensor,
+    key_ids: torch.Tensor,
+    temperature: float,
+    gather: Gather,
+) -> tuple[torch.Tensor, int]:
+    """Cross-entropy of each query's target among all ranks' distinct batch items.
+
+    queries: ``(Q, H)`` sequence outputs; targets: ``(Q,)`` long item ids, each present in
+    this rank's ``key_ids``. keys: ``(K, H)`` item vectors of this rank's distinct batch
+    items, key_ids: ``(K,)`` long, no duplicates. Keys are gathered from every rank; an item
+    held by several ranks counts once (its first copy), so the candidates are exactly those
+    of one process on the global batch, and another copy of the positive is never a negative.
+    Returns (sum of the Q cross-entropies, scalar with grad; Q).
+    """
+    q = F.normalize(queries, dim=-1)
+    all_keys, valid = gather.all_gather_ragged(F.normalize(keys, dim=-1))
+    all_ids, _ = gather.all_gather_ragged(key_ids)
+    all_ids = all_ids.masked_fill(~valid, -1)
+    candidate = valid & _first_occurrence(all_ids)  # (K_all,)
+
+    logits = (q @ all_keys.T / temperature).masked_fill(~candidate, float("-inf"))
+    is_target = (targets.unsqueeze(1) == all_ids.unsqueeze(0)) & candidate  # (Q, K_all)
+    if not bool(is_target.any(dim=1).all()):
+        raise ValueError("every target item must be among this rank's key_ids")
+    labels = is_target.int().argmax(dim=1)
+    return F.cross_entropy(logits, labels, reduction="sum"), int(q.shape[0])
+
+
+def seq_seq_loss(
+    seq: torch.Tensor,
+    aug: torch.Tensor,
+    valid: torch.Tensor,
+    temperature: float,
+    gather: Gather,
+) -> tuple[torch.Tensor, int]:
+    """InfoNCE of each sequence against all ranks' augmented views; its own view is positive.
+
+    seq, aug: ``(B, H)`` with the same B on every rank (the gather needs equal shapes);
+    valid: ``(B,)`` bool, False for filler rows, which are neither queries nor keys.
+    Returns (sum of the per-sequence cross-entropies, scalar with grad; valid count).
+    """
+    b = seq.shape[0]
+    all_aug = gather.all_gather(F.normalize(aug, dim=-1))  # (world * B, H)
+    key_valid = gather.all_gather(valid)
+    own = gather.rank * b + torch.arange(b, device=seq.device)
+    # Filler query rows are dropped before the softmax: their own key is masked out.
+    q = F.normalize(seq[valid], dim=-1)
+    logits = (q @ all_aug.T / temperature).masked_fill(~key_valid, float("-inf"))
+    return F.cross_entropy(logits, own[valid], reduction="sum"), int(q.shape[0])
+
+
+def next_item_targets(
+    batch: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split a batch into all its next-item prediction problems at once.
+
+    batch: ``items`` ``(B, T)`` long, right-padded with 0; ``lengths`` ``(B,)`` long, 0 for
+    filler rows. Input position t predicts item t+1, so every prefix of every sequence is a
+    query in one causal pass:
+
+        items     [a b c d 0]   length 4
+        inputs    [a b c d]     positions 0..2 are queries
+        targets   [b c d 0]     query_mask [1 1 1 0]
+
+    Returns ``items`` ``(B, T)`` with anything past a row's length zeroed, ``inputs``
+    ``(B, T-1)``, ``targets`` ``(B, T-1)`` and ``query_mask`` ``(B, T-1)`` bool.
+    """
+    items, lengths = batch["items"], batch["lengths"]
+    if items.shape[1] < 2:
+        raise ValueError(f"items needs at least 2 columns (input + target), got {items.shape}")
+    positions = torch.arange(items.shape[1], device=items.device)
+    items = items.masked_fill(positions >= lengths.unsqueeze(1), 0)
+    query_mask = positions[:-1] < (lengths - 1).unsqueeze(1)
+    return items, items[:, :-1], items[:, 1:], query_mask
+
+
+def global_mean_loss(
+    si_sum: torch.Tensor,
+    si_count: int,
+    ss_sum: torch.Tensor,
+    ss_count: int,
+    lam: float,
+    gather: Gather,
+) -> dict[str, torch.Tensor | float | int]:
+    """Turn this rank's loss sums into its share of the global-mean loss.
+
+    DDP and DeepSpeed average gradients over ranks, so each rank's loss is scaled by the world
+    size: the averaged gradient is then the one-process gradient of
+    ``mean(L_si) + lam * mean(L_ss)`` over the global batch.
+    Returns ``loss`` (scalar to backprop) and the global means ``seq_item``, ``seq_seq`` and
+    query count ``queries`` for logging.
+    """
+    sums = torch.stack([si_sum.detach(), ss_sum.detach()]).double()
+    counts = torch.tensor([si_count, ss_count], dtype=torch.float64, device=sums.device)
+    totals = gather.all_reduce_sum(torch.cat([sums, counts]))  # one collective for all four
+    si_total, ss_total = max(float(totals[2]), 1.0), max(float(totals[3]), 1.0)
+    loss = (si_sum / si_total + lam * ss_sum / ss_total) * gather.world_size
+    return {
+        "loss": loss,
+        "seq_item": float(totals[0]) / si_total,
+        "seq_seq": float(totals[1]) / ss_total,
+        "queries": int(totals[2]),
+    }
+
+
+def pretrain_loss(
+    model: UniSRec,
+    batch: dict[str, torch.Tensor],
+    text_table: torch.Tensor,
+    worddrop_table: torch.Tensor,
+    *,
+    lam: float = 1e-3,
+    temperature: float = 0.07,
+    step: int,
+    seed: int,
+    gather: Gather,
+    item_drop_prob: float = 0.9,
+    keep_prob: float = 0.8,
+    word_drop_pos_prob: float = 0.2,
+) -> dict[str, torch.Tensor | float | int]:
+    """UniSRec pretraining loss on this rank's part of a global batch.
+
+    batch: ``items`` ``(B, T)`` long global item indexes right-padded with 0 (T may be
+    ``max_seq_len + 1``: the last column is only ever a target), ``lengths`` ``(B,)`` long
+    (0 for filler rows), ``sample_id`` ``(B,)`` long. text_table, worddrop_table:
+    ``(N+1, D)`` float32 text vectors of each item's text and of its word-dropped text.
+    B must be equal on every rank. See :func:`global_mean_loss` for the returned dict.
+    """
+    items, inputs, targets, query_mask = next_item_targets(batch)
+    input_lengths = (batch["lengths"] - 1).clamp(min=0)
+
+    # The adaptor runs once per distinct item; its outputs are both inputs and candidates.
+    uniq, inverse = torch.unique(items, return_inverse=True)
+    item_vecs = model.item_vectors(text_table[uniq], uniq)  # (U, H)
+    outputs = model.encoder(item_vecs[inverse[:, :-1]])  # (B, T-1, H)
+    real = uniq != 0
+    si_sum, si_count = seq_item_loss(
+        outputs[query_mask], targets[query_mask], item_vecs[real], uniq[real], temperature, gather
+    )
+
+    aug_items, aug_lengths, use_worddrop = augment(
+        inputs, input_lengths, batch["sample_id"], step, seed,
+        item_drop_prob=item_drop_prob, keep_prob=keep_prob, word_drop_pos_prob=word_drop_pos_prob,
+    )  # fmt: skip
+    aug_outputs = model.sequence_outputs(aug_items, text_table, worddrop_table, use_worddrop)
+    ss_sum, ss_count = seq_seq_loss(
+        model.last_outputs(outputs, input_lengths),
+        model.last_outputs(aug_outputs, aug_lengths),
+        input_lengths > 0,
+        temperature,
+        gather,
+    )
+    return global_mean_loss(si_sum, si_count, ss_sum, ss_count, lam, gather)
+
+
+def _first_occurrence(ids: torch.Tensor) -> torch.Tensor:
+    """ids: ``(K,)`` long -> ``(K,)`` bool, True where ids[i] did not appear before i."""
+    uniq, inverse = torch.unique(ids, return_inverse=True)
+    positions = torch.arange(ids.shape[0], device=ids.device)
+    first = torch.full_like(uniq, ids.shape[0]).scatter_reduce(0, inverse, positions, "amin")
+    return first[inverse] == positions

@@ -1,0 +1,80 @@
+"""The straightforward pretraining formulation, kept as the throughput benchmark's baseline.
+
+Every prefix of every sequence becomes its own sample, padded to ``max_seq_len``, and the
+adaptor runs over every position of every sample. The loss reads each sample's last
+position. It computes the same losses as :func:`pretrain.losses.pretrain_loss` (equal in
+eval mode) at roughly ``T`` times the encoder work and ``T * max_seq_len / U`` times the
+adaptor work.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.augment import augment
+from pretrain.gather import Gather
+from pretrain.losses import global_mean_loss, next_item_targets, seq_item_loss, seq_seq_loss
+from pretrain.model import UniSRec
+
+
+def naive_pretrain_loss(
+    model: UniSRec,
+    batch: dict[str, torch.Tensor],
+    text_table: torch.Tensor,
+    worddrop_table: torch.Tensor,
+    *,
+    lam: float = 1e-3,
+    temperature: float = 0.07,
+    step: int,
+    seed: int,
+    gather: Gather,
+    item_drop_prob: float = 0.9,
+    keep_prob: float = 0.8,
+    word_drop_pos_prob: float = 0.2,
+) -> dict[str, torch.Tensor | float | int]:
+    """Same arguments and result as :func:`pretrain.losses.pretrain_loss`."""
+    max_len = model.cfg.max_seq_len
+    items, inputs, targets, query_mask = next_item_targets(batch)
+    if inputs.shape[1] > max_len:
+        raise ValueError(f"{inputs.shape[1]} input positions exceed max_seq_len {max_len}")
+    input_lengths = (batch["lengths"] - 1).clamp(min=0)
+
+    # One sample per query: row b's items 0..t, padded to max_seq_len.   (Q, max_len)
+    rows, ends = query_mask.nonzero(as_tuple=True)
+    padded_inputs = F.pad(inputs, (0, max_len - inputs.shape[1]))
+    in_prefix = torch.arange(max_len, device=items.device) <= ends.unsqueeze(1)
+    prefixes = padded_inputs[rows].masked_fill(~in_prefix, 0)
+    outputs = _encode_every_position(model, prefixes, text_table[prefixes])
+    queries = model.last_outputs(outputs, ends + 1)  # (Q, H)
+
+    # The candidates are the batch's distinct items, as in the efficient formulation.
+    key_ids = torch.unique(items)
+    key_ids = key_ids[key_ids != 0]
+    keys = model.item_vectors(text_table[key_ids], key_ids)
+    si_sum, si_count = seq_item_loss(
+        queries, targets[query_mask], keys, key_ids, temperature, gather
+    )
+
+    # A sequence's own vector is its longest prefix, the last query of its row.
+    valid = input_lengths > 0
+    seq = queries.new_zeros(len(valid), queries.shape[1])
+    seq[valid] = queries[query_mask.sum(dim=1).cumsum(dim=0)[valid] - 1]
+
+    aug_items, aug_lengths, use_worddrop = augment(
+        inputs, input_lengths, batch["sample_id"], step, seed,
+        item_drop_prob=item_drop_prob, keep_prob=keep_prob, word_drop_pos_prob=word_drop_pos_prob,
+    )  # fmt: skip
+    aug_text = torch.where(
+        use_worddrop.unsqueeze(-1), worddrop_table[aug_items], text_table[aug_items]
+    )
+    aug_outputs = _encode_every_position(model, aug_items, aug_text)
+    ss_sum, ss_count = seq_seq_loss(
+        seq, model.last_outputs(aug_outputs, aug_lengths), valid, temperature, gather
+    )
+    return global_mean_loss(si_sum, si_count, ss_sum, ss_count, lam, gather)
+
+
+def _encode_every_position(model: UniSRec, items: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """items: ``(S, L)`` long, text: ``(S, L, D)`` -> ``(S, L, H)``, adaptor on every cell."""
+    return model.encoder(model.item_vectors(text, items))

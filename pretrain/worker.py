@@ -1,0 +1,236 @@
+"""The per-worker pretraining loop that Ray Train runs on every worker.
+
+1. read the dataset's text vectors and this rank's share of the shards
+2. build the UniSRec model and wrap it with DeepSpeed (ZeRO stage from the config)
+3. resume from the last checkpoint Ray hands back, if any
+4. train: every prefix of every sequence in one causal pass; negatives gathered from all
+   workers with autograd
+5. rank 0 logs metrics to MLflow; every rank checkpoints through ``ray.train.report``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pretrain.config import PretrainConfig
+from pretrain.consolidate import DS_TAG
+from unisrec.config import from_dict
+
+STATE_FILE = "train_state.json"
+
+
+def deepspeed_config(cfg: PretrainConfig) -> dict:
+    """The DeepSpeed config for ``cfg`` (optimizer and scheduler are client objects)."""
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": cfg.distributed.zero_stage},
+        "bf16": {"enabled": cfg.distributed.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.optim.grad_clip > 0:
+        ds["gradient_clipping"] = cfg.optim.grad_clip
+    return ds
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import deepspeed  # imported here: importing it in the Ray driver can break the controller
+    import ray.train
+
+    from pretrain.gather import Gather
+    from pretrain.losses import pretrain_loss
+    from pretrain.model import UniSRec
+    from sharding.dataset import Dataset
+    from sharding.stream import ShardStream
+
+    cfg = from_dict(PretrainConfig, loop_config["cfg"])
+    run_id = loop_config.get("mlflow_run_id")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = (
+        torch.device("cuda", ctx.get_local_rank())
+        if cfg.distributed.use_gpu
+        else torch.device("cpu")
+    )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    # 1. Data: text vectors by global item index, and this rank's stream of shards.
+    dataset = Dataset(cfg.data.dir)
+    text_table = torch.from_numpy(dataset.global_embeddings()).to(device)
+    worddrop_table = torch.from_numpy(dataset.global_embeddings(worddrop=True)).to(device)
+    stream = ShardStream(
+        dataset.shard_specs(cfg.data.shard_base or None),
+        batch_size=cfg.data.batch_size,
+        rank=rank,
+        world_size=world,
+        num_workers=cfg.data.loader_workers,
+        seed=cfg.seed,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )
+
+    # 2. Model: the same seeded initialisation on every rank, then DeepSpeed.
+    torch.manual_seed(cfg.seed)
+    model = UniSRec(cfg.model, text_dim=dataset.encoder_dim)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+    )
+    warmup = max(cfg.optim.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
+    )
+    param_dtype = next(engine.module.parameters()).dtype
+    text_table, worddrop_table = text_table.to(param_dtype), worddrop_table.to(param_dtype)
+    gather = Gather.from_dist()
+
+    # 3. Resume: DeepSpeed state, sample accounting and this rank's RNG state.
+    state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "samples_seen": 0, "tokens_seen": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
+            state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
+            rng_file = Path(ckpt_dir) / f"rng_rank{rank}.pt"
+            if rng_file.exists():
+                torch.set_rng_state(torch.load(rng_file, weights_only=False))
+
+    logger = _MetricLogger(cfg.mlflow.tracking_uri, run_id) if rank == 0 and run_id else None
+    total_steps = _total_steps(cfg, stream)
+
+    # 4. Train.
+    engine.train()
+    meter = _Throughput()
+    metrics: dict = {}
+    while state["step"] < total_steps:
+        batches = stream.epoch(state["epoch"])
+        epoch_length = stream.batches_in_epoch(state["epoch"])
+        for batch_index, batch in enumerate(batches):
+            if batch_index < state["batch_in_epoch"]:
+                continue  # trained before the restart
+            if cfg.fault.kill_at_step == state["step"] and rank == cfg.fault.kill_rank:
+                _die_once(cfg, rank)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = pretrain_loss(
+                engine.module,
+                batch,
+                text_table,
+                worddrop_table,
+                lam=cfg.loss.lam,
+                temperature=cfg.loss.temperature,
+                step=state["step"],
+                seed=cfg.seed,
+                gather=gather,
+                item_drop_prob=cfg.loss.item_drop_batch_prob,
+                keep_prob=cfg.loss.item_keep_prob,
+                word_drop_pos_prob=cfg.loss.word_drop_position_prob,
+            )
+            engine.backward(out["loss"])
+            engine.step()
+
+            # Sample accounting over all ranks (filler rows have length 0).
+            counts = torch.stack([(batch["lengths"] > 0).sum(), batch["lengths"].sum()]).double()
+            counts = gather.all_reduce_sum(counts)
+            state["step"] += 1
+            state["batch_in_epoch"] = batch_index + 1
+            state["samples_seen"] += int(counts[0])
+            state["tokens_seen"] += int(counts[1])
+            meter.add(int(counts[0]), int(counts[1]))
+
+            done = state["step"] >= total_steps
+            if state["step"] % cfg.log_every == 0 or done:
+                metrics = {
+                    "loss": out["seq_item"] + cfg.loss.lam * out["seq_seq"],
+                    "loss_seq_item": out["seq_item"],
+                    "loss_seq_seq": out["seq_seq"],
+                    "lr": scheduler.get_last_lr()[0],
+                    **meter.rates(),
+                    "samples_seen": state["samples_seen"],
+                    "epoch": state["epoch"],
+                }
+                if logger:
+                    logger.log(metrics, state["step"])
+            end_of_epoch = state["batch_in_epoch"] == epoch_length
+            if done or end_of_epoch or state["step"] % cfg.distributed.checkpoint_every == 0:
+                _save_and_report(engine, state, rank, metrics, final=done)
+            if done:
+                break
+        else:
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+
+
+class _Throughput:
+    """Sequences and non-padding tokens per second since the last report."""
+
+    def __init__(self):
+        self.start, self.sequences, self.tokens = time.perf_counter(), 0, 0
+
+    def add(self, sequences: int, tokens: int) -> None:
+        self.sequences += sequences
+        self.tokens += tokens
+
+    def rates(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rates = {
+            "sequences_per_second": self.sequences / elapsed,
+            "tokens_per_second": self.tokens / elapsed,
+        }
+        self.__init__()
+        return rates
+
+
+def _total_steps(cfg: PretrainConfig, stream) -> int:
+    per_epoch = [stream.batches_in_epoch(e) for e in range(cfg.optim.epochs)]
+    total = sum(per_epoch)
+    return min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
+
+
+def _save_and_report(engine, state: dict, rank: int, metrics: dict, final: bool) -> None:
+    """Every rank writes its DeepSpeed shard and reports it; Ray merges them into one
+    checkpoint directory named after the step."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"unisrec_state": dict(state)})
+        torch.save(torch.get_rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
+        if rank == 0:
+            (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
+        ray.train.report(
+            {**metrics, "step": state["step"], "final": final},
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"step_{state['step']:07d}",
+        )
+
+
+def _die_once(cfg: PretrainConfig, rank: int) -> None:
+    marker = Path(cfg.output_dir).resolve() / f".killed-rank{rank}-step{cfg.fault.kill_at_step}"
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        os._exit(1)
+
+
+class _MetricLogger:
+    """Rank 0's per-step metrics straight into the driver's MLflow run."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.run_id = run_id
+
+    def log(self, metrics: dict, step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+        )

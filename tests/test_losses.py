@@ -1,0 +1,228 @@
+"""Contrastive losses (one process), augmentation, and naive vs efficient pretraining."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pretrain.augment import augment, hash_uniform
+from pretrain.gather import Gather
+from pretrain.losses import pretrain_loss, seq_item_loss, seq_seq_loss
+from pretrain.model import BackboneConfig, UniSRec
+from pretrain.naive import naive_pretrain_loss
+
+TEXT_DIM = 8
+NUM_ITEMS = 15
+SINGLE = Gather.single()
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    return dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+def cross_entropy(logits: list[float], positive: int) -> float:
+    return -logits[positive] + math.log(sum(math.exp(z) for z in logits))
+
+
+@pytest.fixture
+def model() -> UniSRec:
+    torch.manual_seed(0)
+    cfg = BackboneConfig(hidden_size=16, num_heads=2, inner_size=24, max_seq_len=6, num_experts=3)
+    return UniSRec(cfg, TEXT_DIM).eval()
+
+
+@pytest.fixture
+def tables() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(NUM_ITEMS + 1, TEXT_DIM, generator=gen)
+    table[0] = 0.0
+    return table, table + 0.3 * torch.randn(table.shape, generator=gen)
+
+
+def make_batch(rows: list[list[int]], sample_ids: list[int] | None = None) -> dict:
+    """Right-pad ``rows`` with 0 to a (B, 7) batch; an empty row is a filler row."""
+    width = 7
+    items = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    ids = sample_ids if sample_ids is not None else list(range(100, 100 + len(rows)))
+    return {
+        "items": items,
+        "lengths": torch.tensor([len(r) for r in rows]),
+        "sample_id": torch.tensor(ids),
+    }
+
+
+# ---- seq_item_loss / seq_seq_loss against hand computations -----------------------------
+
+
+def test_seq_item_loss_matches_hand_computed_cross_entropy():
+    queries = [[1.0, 0.0], [0.6, 0.8]]
+    keys = [[2.0, 0.0], [0.0, 3.0], [-1.0, 1.0]]
+    key_ids = [4, 9, 2]
+    targets = [9, 4]
+    tau = 0.5
+
+    expected = 0.0
+    for q, target in zip(queries, targets, strict=True):
+        logits = [cosine(q, k) / tau for k in keys]
+        expected += cross_entropy(logits, key_ids.index(target))
+
+    loss, count = seq_item_loss(
+        torch.tensor(queries), torch.tensor(targets), torch.tensor(keys),
+        torch.tensor(key_ids), tau, SINGLE,
+    )  # fmt: skip
+    assert count == 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_seq_item_loss_rejects_target_missing_from_keys():
+    with pytest.raises(ValueError, match="target item"):
+        seq_item_loss(
+            torch.ones(1, 2), torch.tensor([5]), torch.ones(2, 2), torch.tensor([1, 2]), 0.1, SINGLE
+        )
+
+
+def test_seq_seq_loss_uses_other_views_as_negatives_and_skips_filler_rows():
+    seq = [[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]
+    aug = [[0.8, 0.6], [0.6, 0.8], [-1.0, 0.0]]
+    valid = [True, True, False]
+    tau = 0.2
+
+    expected = 0.0
+    for i in (0, 1):  # row 2 is filler: not a query, and its view is not a key
+        logits = [cosine(seq[i], aug[j]) / tau for j in (0, 1)]
+        expected += cross_entropy(logits, i)
+
+    loss, count = seq_seq_loss(
+        torch.tensor(seq), torch.tensor(aug), torch.tensor(valid), tau, SINGLE
+    )
+    assert count == 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+# ---- pretrain_loss ------------------------------------------------------------------------
+
+
+def test_every_prefix_is_a_query_and_repeated_items_are_one_candidate(model, tables):
+    table, dropped = tables
+    # Item 5 is the target of two prefixes and occurs in both rows, item 3 twice in row 0.
+    rows = [[3, 5, 3, 5], [7, 5, 2]]
+    batch = make_batch(rows)
+    out = pretrain_loss(
+        model, batch, table, dropped, lam=0.0, temperature=0.1, step=0, seed=0, gather=SINGLE
+    )
+    assert out["queries"] == 3 + 2
+
+    # By hand: candidates are the distinct items {2, 3, 5, 7}, each exactly once.
+    candidates = [2, 3, 5, 7]
+    with torch.no_grad():
+        keys = model.item_vectors(table[candidates]).tolist()
+        expected, n = 0.0, 0
+        for row in rows:
+            outputs = model.sequence_outputs(torch.tensor([row]), table)[0].tolist()
+            for t in range(len(row) - 1):
+                logits = [cosine(outputs[t], k) / 0.1 for k in keys]
+                expected += cross_entropy(logits, candidates.index(row[t + 1]))
+                n += 1
+    assert out["seq_item"] == pytest.approx(expected / n, rel=1e-5)
+    assert out["loss"].item() == pytest.approx(expected / n, rel=1e-5)
+
+
+def test_filler_rows_change_nothing(model, tables):
+    table, dropped = tables
+    rows = [[3, 5, 3, 5], [7, 5, 2], [1, 9]]
+    kwargs = dict(lam=0.5, temperature=0.07, step=3, seed=11, gather=SINGLE)
+    plain = pretrain_loss(model, make_batch(rows, [10, 11, 12]), table, dropped, **kwargs)
+    filled = pretrain_loss(
+        model, make_batch([[], *rows, []], [90, 10, 11, 12, 91]), table, dropped, **kwargs
+    )
+    assert filled["queries"] == plain["queries"] == 6
+    assert filled["seq_item"] == pytest.approx(plain["seq_item"], rel=1e-6)
+    assert filled["seq_seq"] == pytest.approx(plain["seq_seq"], rel=1e-6)
+    assert filled["loss"].item() == pytest.approx(plain["loss"].item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("item_drop_prob", [1.0, 0.0], ids=["item-drop", "word-drop"])
+def test_naive_and_efficient_formulations_agree(model, tables, item_drop_prob):
+    table, dropped = tables
+    batch = make_batch([[3, 5, 3, 5, 8, 1, 2], [7, 5, 2], [], [4, 6]])
+    kwargs = dict(
+        lam=0.5, temperature=0.07, step=1, seed=5, gather=SINGLE, item_drop_prob=item_drop_prob
+    )
+    results = []
+    for loss_fn in (pretrain_loss, naive_pretrain_loss):
+        model.zero_grad()
+        out = loss_fn(model, batch, table, dropped, **kwargs)
+        out["loss"].backward()
+        # The gate-noise weights get no gradient in eval mode: compare them as zeros.
+        grads = [
+            torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()
+        ]
+        results.append((out, grads))
+    (fast, fast_grads), (naive, naive_grads) = results
+
+    assert fast["queries"] == naive["queries"] == 6 + 2 + 1
+    assert fast["seq_item"] == pytest.approx(naive["seq_item"], rel=1e-5)
+    assert fast["seq_seq"] == pytest.approx(naive["seq_seq"], rel=1e-5)
+    for a, b in zip(fast_grads, naive_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+# ---- augmentation -------------------------------------------------------------------------
+
+
+def test_item_drop_keeps_first_item_and_packs_survivors_left():
+    items = torch.tensor([[11, 12, 13, 14, 15, 16, 0, 0]] * 64 + [[0] * 8])
+    lengths = torch.tensor([6] * 64 + [0])
+    aug, aug_lengths, use_worddrop = augment(
+        items, lengths, torch.arange(65), step=0, seed=0, item_drop_prob=1.0
+    )
+    assert not use_worddrop.any()
+    assert aug_lengths[-1] == 0 and not aug[-1].any()
+    for row, n in zip(aug[:-1].tolist(), aug_lengths[:-1].tolist(), strict=True):
+        assert row[0] == 11
+        kept = row[:n]
+        assert kept == sorted(set(kept)) and set(kept) <= {11, 12, 13, 14, 15, 16}
+        assert row[n:] == [0] * (8 - n)
+    # 1 + 5 * 0.8 = 5 items kept on average.
+    assert 4.5 < aug_lengths[:-1].float().mean().item() < 5.5
+
+
+def test_word_drop_marks_only_valid_positions_and_keeps_items():
+    items = torch.tensor([[1, 2, 3, 4, 5, 0]] * 200)
+    lengths = torch.tensor([5] * 200)
+    aug, aug_lengths, use_worddrop = augment(
+        items, lengths, torch.arange(200), step=0, seed=0, item_drop_prob=0.0
+    )
+    assert torch.equal(aug, items) and torch.equal(aug_lengths, lengths)
+    assert not use_worddrop[:, 5].any()
+    assert 0.15 < use_worddrop[:, :5].float().mean().item() < 0.25
+
+
+def test_augmentation_follows_sample_id_not_row_position():
+    items = torch.randint(1, 50, (6, 10))
+    lengths = torch.tensor([10, 7, 3, 9, 1, 5])
+    ids = torch.tensor([40, 41, 42, 43, 44, 45])
+    for p in (1.0, 0.0):
+        whole = augment(items, lengths, ids, step=7, seed=3, item_drop_prob=p)
+        order = torch.tensor([4, 0, 5, 2, 1, 3])
+        shuffled = augment(
+            items[order], lengths[order], ids[order], step=7, seed=3, item_drop_prob=p
+        )
+        for a, b in zip(whole, shuffled, strict=True):
+            assert torch.equal(a[order], b)
+        other_step = augment(items, lengths, ids, step=8, seed=3, item_drop_prob=p)
+        assert not all(torch.equal(a, b) for a, b in zip(whole, other_step, strict=True))
+
+
+def test_batch_level_choice_follows_item_drop_prob_over_steps():
+    picks = [hash_uniform(0, step).item() < 0.9 for step in range(2000)]
+    assert 0.87 < sum(picks) / len(picks) < 0.93
+
+
+def test_hash_uniform_separates_large_ids():
+    big = torch.tensor([1 << 40, (1 << 40) + 1, 1 << 41])
+    u = hash_uniform(0, 0, big)
+    assert ((u >= 0) & (u < 1)).all() and len(set(u.tolist())) == 3
