@@ -16,7 +16,9 @@ Metrics, averaged over users (as the paper and RecBole): ``recall@k = [rank < k]
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -197,3 +199,127 @@ def rank_split(
             exclude.scatter_(1, histories, True)
         ranks.append(rank_of_targets(scores, targets, exclude).cpu())
     return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+
+
+@dataclass
+class EvalData:
+    """A domain's text vectors, valid and test splits, and training popularity."""
+
+    text_table: torch.Tensor  # (N+1, D) float32 on the scoring device, row 0 = padding
+    valid: EvalSplit
+    test: EvalSplit
+    popularity: np.ndarray  # (N+1,) int64 training interactions per item
+
+    @property
+    def num_items(self) -> int:
+        return self.text_table.shape[0] - 1
+
+
+def load_eval_data(dataset, domain: str, max_seq_len: int, device: torch.device) -> EvalData:
+    """``dataset``: a :class:`sharding.dataset.Dataset`; histories cut to ``max_seq_len``."""
+    train = list(dataset.split(domain, "train")["items"])
+    return EvalData(
+        text_table=torch.from_numpy(np.array(dataset.embeddings(domain), dtype=np.float32)).to(
+            device
+        ),
+        valid=EvalSplit.from_frame(dataset.split(domain, "valid"), max_seq_len),
+        test=EvalSplit.from_frame(dataset.split(domain, "test"), max_seq_len),
+        popularity=item_popularity(train, dataset.domain(domain).num_items),
+    )
+
+
+def full_report(
+    model: nn.Module,
+    data: EvalData,
+    *,
+    temperature: float,
+    ks: list[int],
+    exclude_history: bool = False,
+    batch_size: int = 1024,
+    groups: int = 5,
+) -> dict:
+    """``{"valid": metrics, "test": metrics, "test_by_popularity": [...]}``; the popularity
+    breakdown uses the first cut-off in ``ks``."""
+    options = {
+        "temperature": temperature,
+        "exclude_history": exclude_history,
+        "batch_size": batch_size,
+    }
+    valid_ranks = rank_split(model, data.valid, data.text_table, **options)
+    test_ranks = rank_split(model, data.test, data.text_table, **options)
+    return {
+        "valid": metrics_from_ranks(valid_ranks, ks),
+        "test": metrics_from_ranks(test_ranks, ks),
+        "test_by_popularity": metrics_by_group(
+            test_ranks,
+            data.test.targets,
+            popularity_groups(data.popularity, groups),
+            data.popularity,
+            k=ks[0],
+        ),
+    }
+
+
+def evaluate_registered(
+    model_uri: str,
+    data_dir: str,
+    domain: str,
+    out_dir: str,
+    *,
+    ks: list[int],
+    exclude_history: bool = False,
+    batch_size: int = 1024,
+    groups: int = 5,
+) -> dict:
+    """Re-score a registered adaptor on a dataset's domain (default: the one it was trained
+    on) and write ``<out_dir>/metrics.json``; returns the metrics.
+
+    Text-only (inductive) adaptors score any domain encoded with their encoder; models with
+    item IDs (transductive, SASRec) only the items they were trained on.
+    """
+    from adaptors.registry import load_adaptor
+    from sharding.dataset import Dataset
+    from sharding.errors import DataError
+
+    recommender = load_adaptor(model_uri)
+    model, spec = recommender.model, recommender.spec
+    dataset = Dataset(data_dir)
+    domain = domain or spec.domain
+    manifest = Path(data_dir) / "manifest.json"
+    if (dataset.encoder_name, dataset.encoder_dim) != (spec.encoder["name"], spec.text_dim):
+        raise DataError(
+            f"encoded with {dataset.encoder_name!r} ({dataset.encoder_dim}-d), the adaptor with "
+            f"{spec.encoder['name']!r} ({spec.text_dim}-d)",
+            file=manifest,
+            field="encoder",
+        )
+    uses_ids = spec.baseline == "sasrec" or spec.mode == "transductive"
+    if uses_ids and (domain != spec.domain or dataset.domain(domain).num_items != spec.num_items):
+        raise DataError(
+            f"a {spec.mode} {spec.baseline} adaptor scores only the {spec.num_items} items of "
+            f"{spec.domain!r} it was trained on",
+            file=manifest,
+            field=f"domains.{domain}",
+        )
+    data = load_eval_data(dataset, domain, model.encoder.max_seq_len, torch.device("cpu"))
+    report = full_report(
+        model,
+        data,
+        temperature=spec.temperature,
+        ks=ks,
+        exclude_history=exclude_history,
+        batch_size=batch_size,
+        groups=groups,
+    )
+    metrics = {
+        "model": model_uri,
+        "domain": domain,
+        "mode": spec.mode,
+        "baseline": spec.baseline,
+        "backbone": spec.backbone_uri or "none",
+        **report,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    return metrics

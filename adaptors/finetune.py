@@ -34,12 +34,11 @@ from torch import nn
 
 from adaptors.config import FinetuneConfig
 from adaptors.evaluate import (
-    EvalSplit,
+    EvalData,
     catalogue_vectors,
-    item_popularity,
-    metrics_by_group,
+    full_report,
+    load_eval_data,
     metrics_from_ranks,
-    popularity_groups,
     rank_split,
     similarity_logits,
 )
@@ -55,21 +54,6 @@ BEST_CHECKPOINT = "best.pt"
 METRICS_FILE = "metrics.json"
 
 
-@dataclass
-class DomainData:
-    """One domain, ready for training and evaluation (tensors on the training device)."""
-
-    text_table: torch.Tensor  # (N+1, D) float32, row 0 = padding
-    windows: torch.Tensor  # (W, L+1) int64 training windows, right-padded with 0
-    valid: EvalSplit
-    test: EvalSplit
-    popularity: np.ndarray  # (N+1,) int64 training interactions per item
-
-    @property
-    def num_items(self) -> int:
-        return self.text_table.shape[0] - 1
-
-
 def window_tensor(sequences: list[np.ndarray], max_seq_len: int) -> torch.Tensor:
     """All training windows of all users: ``(W, max_seq_len + 1) int64``, right-padded with 0.
 
@@ -81,25 +65,6 @@ def window_tensor(sequences: list[np.ndarray], max_seq_len: int) -> torch.Tensor
     for row, window in enumerate(windows):
         out[row, : len(window)] = torch.from_numpy(np.asarray(window, dtype=np.int64))
     return out
-
-
-def load_domain(
-    dataset: Dataset, domain: str, max_seq_len: int, device: torch.device
-) -> DomainData:
-    info = dataset.domain(domain)
-    train = list(dataset.split(domain, "train")["items"])
-    windows = window_tensor(train, max_seq_len)
-    if len(windows) == 0:
-        raise ConfigError(f"data.domain: {domain!r} has no training sequence of two or more items")
-    return DomainData(
-        text_table=torch.from_numpy(np.array(dataset.embeddings(domain), dtype=np.float32)).to(
-            device
-        ),
-        windows=windows,
-        valid=EvalSplit.from_frame(dataset.split(domain, "valid"), max_seq_len),
-        test=EvalSplit.from_frame(dataset.split(domain, "test"), max_seq_len),
-        popularity=item_popularity(train, info.num_items),
-    )
 
 
 def next_item_loss(
@@ -124,48 +89,55 @@ def next_item_loss(
 
 def train_epoch(
     model: nn.Module,
-    data: DomainData,
+    windows: torch.Tensor,
+    text_table: torch.Tensor,
     optimizer: torch.optim.Optimizer,
     cfg: FinetuneConfig,
     epoch: int,
 ) -> float:
-    """One pass over all training windows in a seeded order; returns the mean batch loss."""
+    """One pass over all training windows ``(W, L+1)`` in a seeded order; returns the mean
+    batch loss. text_table: ``(N+1, D)`` on the training device."""
     model.train()
-    device = data.text_table.device
+    device = text_table.device
     # Seeded by epoch, so a resumed run sees the same order as an uninterrupted one.
-    order = torch.randperm(
-        len(data.windows), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    )
+    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    order = torch.randperm(len(windows), generator=generator)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     losses = []
     for batch in order.split(cfg.optim.batch_size):
-        windows = data.windows[batch]
-        length = int((windows[:, :-1] > 0).sum(dim=1).max())  # trim padding shared by the batch
-        inputs = windows[:, :length].to(device)
-        targets = windows[:, 1 : length + 1].to(device)
-        loss = next_item_loss(model, inputs, targets, data.text_table, cfg.temperature)
+        rows = windows[batch]
+        length = int((rows[:, :-1] > 0).sum(dim=1).max())  # trim padding shared by the batch
+        inputs = rows[:, :length].to(device)
+        targets = rows[:, 1 : length + 1].to(device)
+        loss = next_item_loss(model, inputs, targets, text_table, cfg.temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optim.grad_clip > 0:
             nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return float(np.mean(losses))
 
 
-def evaluate_model(
-    model: nn.Module, split: EvalSplit, data: DomainData, cfg: FinetuneConfig
-) -> tuple[dict[str, float], torch.Tensor]:
-    """Full-ranking metrics of ``split`` and the ranks behind them ``(U,)``."""
+def valid_metrics(model: nn.Module, data: EvalData, cfg: FinetuneConfig) -> dict[str, float]:
+    """Full-ranking metrics of the valid split (for early stopping)."""
     ranks = rank_split(
         model,
-        split,
+        data.valid,
         data.text_table,
         temperature=cfg.temperature,
         exclude_history=cfg.eval.exclude_history,
         batch_size=cfg.eval.batch_size,
     )
-    return metrics_from_ranks(ranks, cfg.eval.ks), ranks
+    return metrics_from_ranks(ranks, cfg.eval.ks)
+
+
+def load_windows(dataset: Dataset, domain: str, max_seq_len: int) -> torch.Tensor:
+    """The domain's training windows ``(W, max_seq_len + 1)``; refuses a domain with none."""
+    windows = window_tensor(list(dataset.split(domain, "train")["items"]), max_seq_len)
+    if len(windows) == 0:
+        raise ConfigError(f"data.domain: {domain!r} has no training sequence of two or more items")
+    return windows
 
 
 def prepare_model(
@@ -247,7 +219,6 @@ def run_finetune(cfg: FinetuneConfig, restart: bool = False, progress: bool = Tr
     """Fine-tune, evaluate and register one tenant's adaptor; returns the metrics plus where
     things went (``output_dir``, ``run_id``, ``model_name``, ``model_version``)."""
     import mlflow
-    from tqdm.auto import tqdm
 
     from adaptors.registry import claim_model_name, register_adaptor, trained_state, write_bundle
     from unisrec.tracking import config_params, configure_mlflow, git_commit
@@ -268,7 +239,8 @@ def run_finetune(cfg: FinetuneConfig, restart: bool = False, progress: bool = Tr
         backbone_uri = AdaptorSpec(**resume["spec"]).backbone_uri
     model, spec, trainable = prepare_model(cfg, dataset, backbone_uri)
     model.to(device)
-    data = load_domain(dataset, cfg.data.domain, model.encoder.max_seq_len, device)
+    data = load_eval_data(dataset, cfg.data.domain, model.encoder.max_seq_len, device)
+    windows = load_windows(dataset, cfg.data.domain, model.encoder.max_seq_len)
     optimizer = torch.optim.Adam(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     loop = _LoopState(best_state=_clone_state(model))
     if resume:
@@ -281,7 +253,7 @@ def run_finetune(cfg: FinetuneConfig, restart: bool = False, progress: bool = Tr
     log.info(
         "%s: %d windows, %d items, %d trainable of %d parameters",
         cfg.tenant,
-        len(data.windows),
+        len(windows),
         data.num_items,
         sum(p.numel() for p in trainable),
         sum(p.numel() for p in model.parameters()),
@@ -301,63 +273,27 @@ def run_finetune(cfg: FinetuneConfig, restart: bool = False, progress: bool = Tr
             )
 
         # 4. Train with early stopping.
-        bar = tqdm(
-            range(loop.epoch, cfg.optim.max_epochs),
-            desc=cfg.tenant,
-            disable=not progress or loop.stopped,
-        )
-        for epoch in bar:
-            if loop.stopped:
-                break
-            started = time.perf_counter()
-            loss = train_epoch(model, data, optimizer, cfg, epoch)
-            valid, _ = evaluate_model(model, data.valid, data, cfg)
-            score = valid[cfg.eval.stop_metric]
-            loop.epoch = epoch + 1
-            if score > loop.best_metric:
-                loop.best_metric, loop.best_epoch, loop.bad_epochs = score, epoch + 1, 0
-                loop.best_state = _clone_state(model)
-                _save(
-                    out / BEST_CHECKPOINT,
-                    {"epoch": epoch + 1, "valid": valid, "model": loop.best_state},
-                )
-            else:
-                loop.bad_epochs += 1
-                loop.stopped = loop.bad_epochs >= cfg.optim.patience
-            seconds = time.perf_counter() - started
-            mlflow.log_metrics(
-                {"train_loss": loss, "epoch_seconds": seconds, **_metric_names("valid", valid)},
-                step=epoch + 1,
-            )
-            bar.set_postfix(loss=f"{loss:.4f}", **{cfg.eval.stop_metric: f"{score:.4f}"})
-            log.info(
-                "%s: epoch %d loss %.4f valid %s %.4f (best %.4f @ %d) %.1f s",
-                cfg.tenant, epoch + 1, loss, cfg.eval.stop_metric, score, loop.best_metric, loop.best_epoch, seconds,
-            )  # fmt: skip
-            _save(
-                out / LAST_CHECKPOINT,
-                {
-                    "identity": run_identity(cfg),
-                    "spec": asdict(spec),
-                    "run_id": run.info.run_id,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "loop": asdict(loop),
-                },
-            )
+        checkpoint = {
+            "identity": run_identity(cfg),
+            "spec": asdict(spec),
+            "run_id": run.info.run_id,
+        }
+        fit(model, optimizer, windows, data, cfg, loop, out, checkpoint, progress)
 
         # 5. The best state's metrics.
         model.load_state_dict(loop.best_state)
-        valid, _ = evaluate_model(model, data.valid, data, cfg)
-        test, test_ranks = evaluate_model(model, data.test, data, cfg)
-        groups = popularity_groups(data.popularity, cfg.eval.popularity_groups)
+        report = full_report(
+            model,
+            data,
+            temperature=cfg.temperature,
+            ks=cfg.eval.ks,
+            exclude_history=cfg.eval.exclude_history,
+            batch_size=cfg.eval.batch_size,
+            groups=cfg.eval.popularity_groups,
+        )
         metrics = {
             "tenant": cfg.tenant,
-            "valid": valid,
-            "test": test,
-            "test_by_popularity": metrics_by_group(
-                test_ranks, data.test.targets, groups, data.popularity, k=cfg.eval.ks[0]
-            ),
+            **report,
             "best_epoch": loop.best_epoch,
             "epochs_run": loop.epoch,
             "mode": cfg.mode,
@@ -366,7 +302,12 @@ def run_finetune(cfg: FinetuneConfig, restart: bool = False, progress: bool = Tr
             "backbone": spec.backbone_uri or "none",
         }
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-        mlflow.log_metrics({**_metric_names("best_valid", valid), **_metric_names("test", test)})
+        mlflow.log_metrics(
+            {
+                **_metric_names("best_valid", report["valid"]),
+                **_metric_names("test", report["test"]),
+            }
+        )
         mlflow.log_metric("best_epoch", loop.best_epoch)
         mlflow.log_artifact(str(out / METRICS_FILE))
 
@@ -407,6 +348,64 @@ class _LoopState:
     best_metric: float = -1.0
     bad_epochs: int = 0
     stopped: bool = False
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    windows: torch.Tensor,
+    data: EvalData,
+    cfg: FinetuneConfig,
+    loop: _LoopState,
+    out: Path,
+    checkpoint: dict,
+    progress: bool = True,
+) -> None:
+    """Train epochs ``loop.epoch..max_epochs`` with early stopping, updating ``loop``.
+
+    After every epoch: ``best.pt`` when the valid metric improved, and ``last.pt`` (the
+    ``checkpoint`` entries plus model, optimizer and loop state) to resume from.
+    """
+    import mlflow
+    from tqdm.auto import tqdm
+
+    metric = cfg.eval.stop_metric
+    epochs = range(loop.epoch, cfg.optim.max_epochs)
+    bar = tqdm(epochs, desc=cfg.tenant, disable=not progress or loop.stopped)
+    for epoch in bar:
+        if loop.stopped:
+            break
+        started = time.perf_counter()
+        loss = train_epoch(model, windows, data.text_table, optimizer, cfg, epoch)
+        valid = valid_metrics(model, data, cfg)
+        loop.epoch = epoch + 1
+        if valid[metric] > loop.best_metric:
+            loop.best_metric, loop.best_epoch, loop.bad_epochs = valid[metric], loop.epoch, 0
+            loop.best_state = _clone_state(model)
+            _save(
+                out / BEST_CHECKPOINT,
+                {"epoch": loop.epoch, "valid": valid, "model": loop.best_state},
+            )
+        else:
+            loop.bad_epochs += 1
+            loop.stopped = loop.bad_epochs >= cfg.optim.patience
+        seconds = time.perf_counter() - started
+        mlflow.log_metrics(
+            {"train_loss": loss, "epoch_seconds": seconds, **_metric_names("valid", valid)},
+            step=loop.epoch,
+        )
+        bar.set_postfix(loss=f"{loss:.4f}", **{metric: f"{valid[metric]:.4f}"})
+        log.info(
+            "%s: epoch %d loss %.4f valid %s %.4f (best %.4f @ %d) %.1f s",
+            *(cfg.tenant, loop.epoch, loss, metric, valid[metric]),
+            *(loop.best_metric, loop.best_epoch, seconds),
+        )
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "loop": asdict(loop),
+        }
+        _save(out / LAST_CHECKPOINT, {**checkpoint, **state})
 
 
 def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -31,6 +31,8 @@ from unisrec.config import ConfigError, from_dict
 SPEC_FILE = "spec.json"
 STATE_FILE = "trained.pt"
 SPEC_VERSION = 1
+# MLflow reserves the alias "latest": models:/NAME@latest always means the highest version.
+LATEST = "latest"
 
 # Lineage tags of an adaptor model version (docs/data-format.md, "Registry tags").
 TAG_TENANT = "unisrec.tenant"
@@ -231,7 +233,8 @@ def register_adaptor(
     version = str(info.registered_model_version)
     for key, value in spec.lineage_tags().items():
         client.set_model_version_tag(name, version, key, value)
-    client.set_registered_model_alias(name, alias, version)
+    if alias.lower() != LATEST:
+        client.set_registered_model_alias(name, alias, version)
     return version
 
 

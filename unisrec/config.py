@@ -67,6 +67,9 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
         raise ConfigError(f"unknown key '{prefix}{key}'{hint}; known: {', '.join(fields)}")
     kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
+    for name, f in fields.items():  # defaults may name environment variables too
+        if name not in kwargs and isinstance(f.default, str) and "${" in f.default:
+            kwargs[name] = _expand_env(f.default)
     try:
         obj = cls(**kwargs)
     except TypeError as err:

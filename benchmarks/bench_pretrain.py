@@ -1,0 +1,132 @@
+"""Pretraining throughput: 1 vs 2 Ray Train workers, and the all-prefix causal formulation
+against the naive one (every prefix its own padded sample, adaptor on every position).
+
+    python benchmarks/bench_pretrain.py --data runs/shared-data [--steps 30] [--skip-ray]
+
+Writes benchmarks/results/pretrain.json. Numbers compared with each other come from the same
+run on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from cluster.local_ray import use_loopback
+
+use_loopback()
+
+from pretrain.config import PretrainConfig  # noqa: E402
+from pretrain.gather import Gather  # noqa: E402
+from pretrain.losses import pretrain_loss  # noqa: E402
+from pretrain.model import UniSRec  # noqa: E402
+from pretrain.naive import naive_pretrain_loss  # noqa: E402
+from sharding.dataset import Dataset  # noqa: E402
+from sharding.stream import ShardStream  # noqa: E402
+from unisrec.config import load_config  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "pretrain.json"
+
+
+def formulation_throughput(data: Path, loss_fn, steps: int, batch_size: int, warmup: int = 2) -> dict:
+    """Train ``steps`` steps in one process; sequences and non-padding tokens per second."""
+    cfg = PretrainConfig()
+    ds = Dataset(data)
+    table = torch.from_numpy(ds.global_embeddings())
+    worddrop = torch.from_numpy(ds.global_embeddings(worddrop=True))
+    torch.manual_seed(0)
+    model = UniSRec(cfg.model, text_dim=ds.encoder_dim)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    stream = ShardStream(ds.shard_specs(), batch_size=batch_size, seed=0)
+    sequences = tokens = 0
+    elapsed = 0.0
+    for step, batch in enumerate(stream.epoch(0)):
+        if step == warmup + steps:
+            break
+        start = time.perf_counter()
+        out = loss_fn(model, batch, table, worddrop, step=step, seed=0, gather=Gather.single())
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        if step >= warmup:
+            elapsed += time.perf_counter() - start
+            sequences += int((batch["lengths"] > 0).sum())
+            tokens += int(batch["lengths"].sum())
+    return {
+        "steps": steps,
+        "batch_size": batch_size,
+        "seconds": elapsed,
+        "sequences_per_second": sequences / elapsed,
+        "tokens_per_second": tokens / elapsed,
+    }
+
+
+def ray_throughput(data: Path, workers: int, steps: int, batch_size: int, out: Path) -> dict:
+    from pretrain.job import run_pretrain
+
+    cfg = load_config(
+        PretrainConfig,
+        None,
+        [
+            f"data.dir={data}",
+            f"data.batch_size={batch_size}",
+            f"distributed.num_workers={workers}",
+            f"distributed.cpus_per_worker={2 // workers}",
+            "distributed.zero_stage=2",
+            f"distributed.checkpoint_every={steps}",
+            f"optim.max_steps={steps}",
+            "log_every=5",
+            f"output_dir={out / f'workers-{workers}'}",
+            f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}",
+            f"mlflow.registered_model=bench-backbone-{workers}",
+        ],
+    )
+    summary = run_pretrain(cfg)
+    return {
+        "workers": workers,
+        "cpus_per_worker": 2 // workers,
+        "batch_per_worker": batch_size,
+        "steps": steps,
+        "sequences_per_second": summary["sequences_per_second"],
+        "tokens_per_second": summary["tokens_per_second"],
+        "wall_seconds_including_startup": summary["wall_seconds"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("runs/shared-data"))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--skip-ray", action="store_true", help="only the formulation comparison")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-pretrain"))
+    args = parser.parse_args()
+
+    torch.set_num_threads(2)
+    efficient = formulation_throughput(args.data, pretrain_loss, args.steps, args.batch_size)
+    naive = formulation_throughput(args.data, naive_pretrain_loss, max(args.steps // 4, 3), args.batch_size)
+    results = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "data": str(args.data),
+        "formulation": {
+            "all_prefix_causal": efficient,
+            "naive_every_prefix": naive,
+            "speedup_sequences_per_second": efficient["sequences_per_second"] / naive["sequences_per_second"],
+        },
+    }
+    if not args.skip_ray:
+        one = ray_throughput(args.data, 1, args.steps, args.batch_size, args.work)
+        two = ray_throughput(args.data, 2, args.steps, args.batch_size, args.work)
+        results["ray_train"] = {"1_worker": one, "2_workers": two, "ratio_2_over_1": two["sequences_per_second"] / one["sequences_per_second"]}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

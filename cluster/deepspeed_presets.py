@@ -1,0 +1,87 @@
+"""Named DeepSpeed configurations: a ZeRO stage and a precision.
+
+==============  =====  =========  ================================================
+name            ZeRO   precision  when
+==============  =====  =========  ================================================
+``zero0``       0      fp32       plain data parallel (same result as DDP)
+``zero1``       1      fp32       optimizer state sharded across workers
+``zero2``       2      fp32       + gradients sharded: the pretraining default
+``zero3``       3      fp32       + parameters sharded
+``zeroN-bf16``  N      bf16       GPUs with bf16 (A10G, A100, H100); CPUs also run it
+==============  =====  =========  ================================================
+
+A preset is :func:`deepspeed_config` of its ``(stage, precision)``; ``pretrain.distributed``
+names the same two settings as ``zero_stage`` and ``precision``.
+
+What no preset offers, and why:
+
+* no optimizer or scheduler section: the pretraining loop passes client torch objects, and
+  a DeepSpeed-config optimizer JIT-builds ``fused_adam`` on first use (over a minute);
+* no CPU offload: ZeRO-Offload wants ``DeepSpeedCPUAdam`` rather than a client optimizer, and
+  the UniSRec backbone (a few million parameters) fits any GPU many times over;
+* no fp16: it needs loss scaling, and DeepSpeed refuses it on CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Precision = Literal["fp32", "bf16"]
+
+ZERO_STAGES = (0, 1, 2, 3)
+PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")
+PRESETS: dict[str, tuple[int, Precision]] = {
+    f"zero{stage}" + ("" if precision == "fp32" else f"-{precision}"): (stage, precision)
+    for precision in PRECISIONS
+    for stage in ZERO_STAGES
+}
+# DeepSpeed logs a line every `steps_per_print` steps; the job reports its own metrics.
+_NEVER = 10**9
+
+
+def deepspeed_config(
+    zero_stage: int,
+    precision: Precision,
+    micro_batch: int,
+    grad_clip: float = 0.0,
+    grad_accumulation: int = 1,
+) -> dict:
+    """The DeepSpeed config dict for one worker.
+
+    ``micro_batch`` is sequences per worker per forward pass; the global batch is
+    ``micro_batch x grad_accumulation x workers``. ``grad_clip`` > 0 clips the global
+    gradient norm (0 disables it).
+    """
+    if zero_stage not in ZERO_STAGES:
+        raise ValueError(f"zero_stage: must be one of {ZERO_STAGES}, got {zero_stage}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: must be one of {PRECISIONS}, got {precision!r}")
+    if micro_batch < 1 or grad_accumulation < 1:
+        raise ValueError(f"micro_batch and grad_accumulation must be >= 1, got {micro_batch}, {grad_accumulation}")
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accumulation,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "steps_per_print": _NEVER,
+        "wall_clock_breakdown": False,
+    }
+    if grad_clip > 0:
+        config["gradient_clipping"] = grad_clip
+    return config
+
+
+def preset(name: str, micro_batch: int, grad_clip: float = 0.0) -> dict:
+    """The DeepSpeed config of preset ``name`` (see :data:`PRESETS`)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown DeepSpeed preset {name!r}; known: {', '.join(PRESETS)}")
+    stage, precision = PRESETS[name]
+    return deepspeed_config(stage, precision, micro_batch, grad_clip)
+
+
+def preset_overrides(name: str) -> list[str]:
+    """The pretrain config overrides that select preset ``name``, e.g. for ``unisrec submit``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown DeepSpeed preset {name!r}; known: {', '.join(PRESETS)}")
+    stage, precision = PRESETS[name]
+    return [f"distributed.zero_stage={stage}", f"distributed.precision={precision}"]
