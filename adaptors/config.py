@@ -58,6 +58,7 @@ class FinetuneOptimConfig:
     patience: int = 10  # epochs without a better valid metric before stopping
     weight_decay: float = 0.0
     grad_clip: float = 0.0  # max gradient norm; 0 disables
+    bucket_by_length: bool = True  # batch windows of similar length (far less padding)
 
     def validate(self) -> None:
         if self.batch_size < 1:

@@ -53,8 +53,8 @@ class EvalSplit:
             len(histories), int(lengths.max()) if len(histories) else 1, dtype=torch.long
         )
         for row, history in enumerate(histories):
-            padded[row, : len(history)] = torch.from_numpy(history)
-        targets = torch.as_tensor(frame["target"].to_numpy(dtype=np.int64))
+            padded[row, : len(history)] = torch.tensor(history)
+        targets = torch.tensor(frame["target"].to_numpy(dtype=np.int64))
         return cls(padded, lengths, targets)
 
     def __len__(self) -> int:
@@ -65,6 +65,20 @@ def catalogue_vectors(model: nn.Module, text_table: torch.Tensor) -> torch.Tenso
     """text_table: ``(N+1, D)`` float32 (row 0 padding) -> ``(N, H)`` vectors of items 1..N."""
     ids = torch.arange(1, text_table.shape[0], device=text_table.device)
     return model.item_vectors(text_table[1:], ids)
+
+
+def encode_histories(
+    model: nn.Module, items: torch.Tensor, histories: torch.Tensor
+) -> torch.Tensor:
+    """Sequence outputs from item vectors computed beforehand.
+
+    items: ``(N, H)`` from :func:`catalogue_vectors`; histories: ``(B, T)`` long, right-padded
+    with 0 -> ``(B, T, H)``. The encoder reads ``items`` by index (padding reads a zero vector,
+    harmless: causal attention never lets a real position see a later padded one). This is
+    ``model.sequence_outputs`` without running the adaptor again for every batch: the adaptor
+    over the whole catalogue is the costliest step (8 experts x N x D x H).
+    """
+    return model.encoder(F.pad(items, (0, 0, 1, 0))[histories])
 
 
 def similarity_logits(
@@ -183,22 +197,21 @@ def rank_split(
     model.eval()
     device = text_table.device
     items = catalogue_vectors(model, text_table)  # once for all users
-    ranks = []
-    for start in range(0, len(split), batch_size):
-        histories = split.histories[start : start + batch_size].to(device)
-        lengths = split.lengths[start : start + batch_size].to(device)
-        targets = split.targets[start : start + batch_size].to(device)
-        histories = histories[:, : int(lengths.max())]
-        outputs = model.sequence_outputs(histories, text_table)
-        last = outputs[torch.arange(len(lengths), device=device), lengths - 1]  # (U, H)
+    ranks = torch.empty(len(split), dtype=torch.long)
+    # Users of similar history length share a batch, so little of it is padding.
+    for batch in torch.argsort(split.lengths, stable=True).split(batch_size):
+        lengths = split.lengths[batch].to(device)
+        histories = split.histories[batch, : int(lengths.max())].to(device)
+        outputs = encode_histories(model, items, histories)
+        last = outputs[torch.arange(len(batch), device=device), lengths - 1]  # (U, H)
         logits = similarity_logits(model, last, items, temperature)  # (U, N)
         scores = F.pad(logits, (1, 0), value=float("-inf"))  # (U, N+1), column 0 = padding
         exclude = None
         if exclude_history:
             exclude = torch.zeros_like(scores, dtype=torch.bool)
             exclude.scatter_(1, histories, True)
-        ranks.append(rank_of_targets(scores, targets, exclude).cpu())
-    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+        ranks[batch] = rank_of_targets(scores, split.targets[batch].to(device), exclude).cpu()
+    return ranks
 
 
 @dataclass

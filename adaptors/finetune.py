@@ -36,6 +36,7 @@ from adaptors.config import FinetuneConfig
 from adaptors.evaluate import (
     EvalData,
     catalogue_vectors,
+    encode_histories,
     full_report,
     load_eval_data,
     metrics_from_ranks,
@@ -63,7 +64,7 @@ def window_tensor(sequences: list[np.ndarray], max_seq_len: int) -> torch.Tensor
     windows = [w for seq in sequences for w in training_windows(np.asarray(seq), max_seq_len)]
     out = torch.zeros(len(windows), max_seq_len + 1, dtype=torch.long)
     for row, window in enumerate(windows):
-        out[row, : len(window)] = torch.from_numpy(np.asarray(window, dtype=np.int64))
+        out[row, : len(window)] = torch.tensor(np.asarray(window, dtype=np.int64))
     return out
 
 
@@ -78,13 +79,34 @@ def next_item_loss(
 
     inputs: ``(B, T)`` long, right-padded with 0; targets: ``(B, T)`` long, ``targets[b, t]``
     follows ``inputs[b, :t+1]``, 0 = no target (padding). text_table: ``(N+1, D)``.
-    The candidate vectors are computed once per step, with gradients to the adaptor.
+
+    The adaptor runs once per step over all N items (with gradients); inputs and candidates
+    both read those vectors, so an item has one dropout/gate-noise sample per step.
     """
-    outputs = model.sequence_outputs(inputs, text_table)  # (B, T, H)
-    has_target = targets > 0
     items = catalogue_vectors(model, text_table)  # (N, H)
+    outputs = encode_histories(model, items, inputs)  # (B, T, H)
+    has_target = targets > 0
     logits = similarity_logits(model, outputs[has_target], items, temperature)  # (P, N)
     return F.cross_entropy(logits, targets[has_target] - 1)
+
+
+def epoch_batches(
+    lengths: torch.Tensor, batch_size: int, bucket_by_length: bool, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """Window indexes for each step of an epoch, in a seeded random order.
+
+    lengths: ``(W,)`` input items per window. With ``bucket_by_length`` the shuffled windows
+    are sorted by length before being cut into batches (ties stay shuffled) and the batches
+    are shuffled: most windows are short, so random batches are mostly padding (about 6x
+    the real positions on Amazon Scientific) and the Transformer's cost follows the padding.
+    """
+    order = torch.randperm(len(lengths), generator=generator)
+    if bucket_by_length:
+        order = order[torch.argsort(lengths[order], stable=True)]
+    batches = list(order.split(batch_size))
+    if bucket_by_length:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+    return batches
 
 
 def train_epoch(
@@ -95,18 +117,19 @@ def train_epoch(
     cfg: FinetuneConfig,
     epoch: int,
 ) -> float:
-    """One pass over all training windows ``(W, L+1)`` in a seeded order; returns the mean
-    batch loss. text_table: ``(N+1, D)`` on the training device."""
+    """One pass over all training windows ``(W, L+1)``; returns the mean batch loss.
+    text_table: ``(N+1, D)`` on the training device."""
     model.train()
     device = text_table.device
     # Seeded by epoch, so a resumed run sees the same order as an uninterrupted one.
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    order = torch.randperm(len(windows), generator=generator)
+    lengths = (windows[:, :-1] > 0).sum(dim=1)
+    batches = epoch_batches(lengths, cfg.optim.batch_size, cfg.optim.bucket_by_length, generator)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     losses = []
-    for batch in order.split(cfg.optim.batch_size):
+    for batch in batches:
         rows = windows[batch]
-        length = int((rows[:, :-1] > 0).sum(dim=1).max())  # trim padding shared by the batch
+        length = int(lengths[batch].max())  # trim the padding the whole batch shares
         inputs = rows[:, :length].to(device)
         targets = rows[:, 1 : length + 1].to(device)
         loss = next_item_loss(model, inputs, targets, text_table, cfg.temperature)
@@ -247,6 +270,7 @@ def run_finetune(cfg: FinetuneConfig, restart: bool = False, progress: bool = Tr
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         loop = _LoopState(**resume["loop"])
+        torch.set_rng_state(resume["rng"])
         log.info(
             "%s: resuming after epoch %d from %s", cfg.tenant, loop.epoch, out / LAST_CHECKPOINT
         )
@@ -404,6 +428,7 @@ def fit(
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "loop": asdict(loop),
+            "rng": torch.get_rng_state(),  # dropout and gate noise go on as if never stopped
         }
         _save(out / LAST_CHECKPOINT, {**checkpoint, **state})
 

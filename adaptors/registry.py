@@ -16,7 +16,7 @@ Each tenant registers its own model (``unisrec-adaptor-<tenant>`` by default), t
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -65,7 +65,6 @@ class AdaptorSpec:
     backbone_version: str = ""
     backbone_run_id: str = ""
     format_version: int = SPEC_VERSION
-    extra: dict = field(default_factory=dict)
 
     @property
     def backbone_uri(self) -> str:
@@ -96,9 +95,14 @@ def pull_backbone(uri: str, encoder_name: str, encoder_dim: int) -> tuple[UniSRe
     ``uri`` may use an alias; the model is loaded by the version the alias points to now, so
     the returned tags (``name``, ``version``, lineage) say exactly what was used.
     """
+    from mlflow.exceptions import MlflowException
+
     from pretrain.registry import backbone_tags, load_backbone
 
-    tags = backbone_tags(uri)
+    try:
+        tags = backbone_tags(uri)
+    except MlflowException as err:
+        raise ConfigError(f"backbone: {uri} is not in the model registry ({err.message})") from err
     want = (encoder_name, str(encoder_dim))
     have = (tags.get(TAG_ENCODER, ""), tags.get(TAG_ENCODER_DIM, ""))
     if have != want:
@@ -108,6 +112,15 @@ def pull_backbone(uri: str, encoder_name: str, encoder_dim: int) -> tuple[UniSRe
             "backbone's encoder or pick a matching backbone"
         )
     return load_backbone(f"models:/{tags['name']}/{tags['version']}"), tags
+
+
+def backbone_lineage(tags: dict[str, str]) -> dict[str, str]:
+    """From :func:`pull_backbone`'s tags, the spec fields naming the backbone."""
+    return {
+        "backbone_name": tags["name"],
+        "backbone_version": tags["version"],
+        "backbone_run_id": tags.get(TAG_RUN_ID, ""),
+    }
 
 
 def build_model(spec: AdaptorSpec, backbone: UniSRec | None = None) -> nn.Module:
@@ -210,6 +223,7 @@ def register_adaptor(
     """Log the bundle and catalogue as a pyfunc model to ``run_id``, register it as ``name``
     with lineage tags, point ``alias`` at it. Returns the new version."""
     import mlflow
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from adaptors.serving import AdaptorRecommender, pyfunc_signature
@@ -218,7 +232,7 @@ def register_adaptor(
     client = MlflowClient()
     try:
         client.create_registered_model(name, tags={TAG_TENANT: spec.tenant, TAG_KIND: "adaptor"})
-    except mlflow.exceptions.MlflowException:
+    except MlflowException:
         claim_model_name(name, spec.tenant)  # created meanwhile: still ours?
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
@@ -238,25 +252,9 @@ def register_adaptor(
     return version
 
 
-def adaptor_tags(uri: str) -> dict[str, str]:
-    """Name, version and lineage tags of a registered adaptor (``models:/NAME@ALIAS|/VERSION``)."""
-    from pretrain.registry import backbone_tags
-
-    return backbone_tags(uri)  # same resolution; the tags are whatever the version carries
-
-
 def load_adaptor(uri: str):
     """Load a registered adaptor as its :class:`adaptors.serving.AdaptorRecommender`
     (``.model``, ``.spec``, ``.catalogue``), backbone pulled by lineage."""
     import mlflow.pyfunc
 
     return mlflow.pyfunc.load_model(uri).unwrap_python_model()
-
-
-def backbone_lineage(tags: dict[str, str]) -> dict[str, str]:
-    """From :func:`pull_backbone`'s tags, the spec fields naming the backbone."""
-    return {
-        "backbone_name": tags["name"],
-        "backbone_version": tags["version"],
-        "backbone_run_id": tags.get(TAG_RUN_ID, ""),
-    }

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptors.evaluate import similarity_logits
+from adaptors.evaluate import encode_histories, similarity_logits
 from adaptors.registry import AdaptorSpec, load_bundle
 from sharding.errors import DataError
 
@@ -213,7 +213,7 @@ def parse_history(history: str | Sequence[str]) -> list[str]:
 def catalogue_item_vectors(
     model: nn.Module, spec: AdaptorSpec, catalogue: Catalogue
 ) -> torch.Tensor:
-    """``(C+1, H)`` item vectors of the whole catalogue, row 0 zeros.
+    """``(C, H)`` item vectors of catalogue items 1..C.
 
     Items past the trained ones use ID 0, whose embedding is the zero padding row: text only
     in transductive mode. SASRec vectors for them are meaningless; :func:`top_k` masks them.
@@ -221,8 +221,7 @@ def catalogue_item_vectors(
     text = torch.from_numpy(np.ascontiguousarray(catalogue.vectors))
     index = torch.arange(1, len(catalogue) + 1)
     ids = torch.where(index <= spec.num_items, index, torch.zeros_like(index))
-    vectors = model.item_vectors(text[1:], ids)
-    return F.pad(vectors, (0, 0, 1, 0))
+    return model.item_vectors(text[1:], ids)
 
 
 @torch.no_grad()
@@ -236,27 +235,29 @@ def top_k(
 ) -> list[list[tuple[str, float]]]:
     """The ``k`` best catalogue items (key, score) for each history of item keys.
 
-    Histories keep their last ``max_seq_len`` items. With ``exclude_history`` items already in
-    the history are not recommended again.
+    The model reads the last ``max_seq_len`` items of each history; with ``exclude_history``
+    no item of the whole history is recommended again.
     """
     if any(not h for h in histories):
         raise ValueError("every history needs at least one item")
     model.eval()
-    items = catalogue_item_vectors(model, spec, catalogue)  # (C+1, H)
+    items = catalogue_item_vectors(model, spec, catalogue)  # (C, H)
     max_len = model.encoder.max_seq_len
-    indexes = [catalogue.indexes(h)[-max_len:] for h in histories]
+    seen = [catalogue.indexes(h) for h in histories]
+    indexes = [idx[-max_len:] for idx in seen]
     lengths = torch.tensor([len(i) for i in indexes])
     padded = torch.zeros(len(indexes), int(lengths.max()), dtype=torch.long)
     for row, idx in enumerate(indexes):
         padded[row, : len(idx)] = torch.tensor(idx)
-    outputs = model.encoder(items[padded])  # (B, T, H); eval mode, so same as sequence_outputs
+    outputs = encode_histories(model, items, padded)  # (B, T, H)
     last = outputs[torch.arange(len(indexes)), lengths - 1]
-    scores = similarity_logits(model, last, items[1:], spec.temperature)  # (B, C)
+    scores = similarity_logits(model, last, items, spec.temperature)  # (B, C)
     scores = F.pad(scores, (1, 0), value=float("-inf"))  # (B, C+1)
     if spec.baseline == "sasrec":
         scores[:, spec.num_items + 1 :] = float("-inf")
     if exclude_history:
-        scores.scatter_(1, padded, float("-inf"))
+        for row, idx in enumerate(seen):  # the whole history, not only the encoded tail
+            scores[row, idx] = float("-inf")
     best = scores.topk(min(k, scores.shape[1] - 1), dim=1)
     return [
         [

@@ -33,7 +33,9 @@ from unisrec.config import load_config  # noqa: E402
 RESULTS = Path(__file__).parent / "results" / "pretrain.json"
 
 
-def formulation_throughput(data: Path, loss_fn, steps: int, batch_size: int, warmup: int = 2) -> dict:
+def formulation_throughput(
+    data: Path, loss_fn, steps: int, batch_size: int, warmup: int = 2
+) -> dict:
     """Train ``steps`` steps in one process; sequences and non-padding tokens per second."""
     cfg = PretrainConfig()
     ds = Dataset(data)
@@ -109,20 +111,27 @@ def main() -> None:
 
     torch.set_num_threads(2)
     efficient = formulation_throughput(args.data, pretrain_loss, args.steps, args.batch_size)
-    naive = formulation_throughput(args.data, naive_pretrain_loss, max(args.steps // 4, 3), args.batch_size)
+    naive = formulation_throughput(
+        args.data, naive_pretrain_loss, max(args.steps // 4, 3), args.batch_size
+    )
     results = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "data": str(args.data),
         "formulation": {
             "all_prefix_causal": efficient,
             "naive_every_prefix": naive,
-            "speedup_sequences_per_second": efficient["sequences_per_second"] / naive["sequences_per_second"],
+            "speedup_sequences_per_second": efficient["sequences_per_second"]
+            / naive["sequences_per_second"],
         },
     }
     if not args.skip_ray:
         one = ray_throughput(args.data, 1, args.steps, args.batch_size, args.work)
         two = ray_throughput(args.data, 2, args.steps, args.batch_size, args.work)
-        results["ray_train"] = {"1_worker": one, "2_workers": two, "ratio_2_over_1": two["sequences_per_second"] / one["sequences_per_second"]}
+        results["ray_train"] = {
+            "1_worker": one,
+            "2_workers": two,
+            "ratio_2_over_1": two["sequences_per_second"] / one["sequences_per_second"],
+        }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -11,7 +11,9 @@ name            ZeRO   precision  when
 ==============  =====  =========  ================================================
 
 A preset is :func:`deepspeed_config` of its ``(stage, precision)``; ``pretrain.distributed``
-names the same two settings as ``zero_stage`` and ``precision``.
+names the same two settings as ``zero_stage`` and ``precision``. ``zero0-bf16`` steps through
+DeepSpeed's non-ZeRO bf16 optimizer and drifts a little from ``zero1-bf16`` and up, which
+agree with each other; prefer those.
 
 What no preset offers, and why:
 
@@ -57,7 +59,9 @@ def deepspeed_config(
     if precision not in PRECISIONS:
         raise ValueError(f"precision: must be one of {PRECISIONS}, got {precision!r}")
     if micro_batch < 1 or grad_accumulation < 1:
-        raise ValueError(f"micro_batch and grad_accumulation must be >= 1, got {micro_batch}, {grad_accumulation}")
+        raise ValueError(
+            f"micro_batch and grad_accumulation must be >= 1, got {micro_batch}, {grad_accumulation}"
+        )
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accumulation,

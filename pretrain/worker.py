@@ -115,7 +115,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for batch_index, batch in enumerate(batches):
             if batch_index < state["batch_in_epoch"]:
                 continue  # trained before the restart
-            if cfg.fault.kill_at_step == state["step"] and rank == cfg.fault.kill_rank:
+            if (
+                cfg.fault.kill_at_step
+                and cfg.fault.kill_at_step == state["step"]
+                and rank == cfg.fault.kill_rank
+            ):
                 _die_once(cfg, rank)
             batch = {k: v.to(device) for k, v in batch.items()}
             out = pretrain_loss(

@@ -167,6 +167,9 @@ class ShardStream:
             batch_size=None,
             num_workers=self.num_workers,
             persistent_workers=False,
+            # Its own generator: creating a loader iterator must not advance the global torch
+            # RNG, or a run resumed mid-epoch would draw different dropout than the original.
+            generator=torch.Generator().manual_seed(self.seed),
         )
         emitted = 0
         for batch in loader:

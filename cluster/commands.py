@@ -1,0 +1,206 @@
+"""The cluster's ``unisrec`` sub-commands: ``submit``, ``mlflow-server``, ``deepspeed-preset``.
+
+``unisrec/cli.py`` adds them with ``register_commands(sub)``. Like the other commands, they
+import Ray and MLflow only when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import signal
+import sys
+
+from cluster.deepspeed_presets import PRESETS, preset, preset_overrides
+from cluster.jobs import DEFAULT_ADDRESS, SUBMITTABLE_JOBS
+from unisrec.config import ConfigError
+
+
+def register_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``submit``, ``mlflow-server`` and ``deepspeed-preset`` to the unisrec sub-parsers."""
+    presets = ", ".join(PRESETS)
+    p = sub.add_parser(
+        "submit",
+        help="run a shard, pretrain or finetune job on a running Ray cluster (Ray Jobs)",
+        description="Uploads the working directory and runs `unisrec JOB CONFIG ARGS...` on the "
+        "cluster's head node. CONFIG must lie inside the working directory; paths inside it are "
+        "read on the cluster, so point them at shared storage. Options of `submit` go before JOB; "
+        "everything after CONFIG is passed to the job.",
+        epilog=f"DeepSpeed presets for --deepspeed: {presets} "
+        "(`unisrec deepspeed-preset NAME` prints one). "
+        "Equivalent: ray job submit --address ADDR --working-dir . -- python -m unisrec.cli JOB CONFIG ARGS...",
+    )
+    p.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS,
+        help="the head node's dashboard (default: $RAY_ADDRESS or %(default)s)",
+    )
+    p.add_argument(
+        "--working-dir", default=".", help="directory uploaded with the job (default: .)"
+    )
+    p.add_argument(
+        "--tracking-uri",
+        default="",
+        help="MLFLOW_TRACKING_URI for the job (default: the nodes' own)",
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment variable for the job",
+    )
+    p.add_argument(
+        "--pip",
+        action="append",
+        default=[],
+        metavar="REQUIREMENT",
+        help="extra package for the job",
+    )
+    p.add_argument(
+        "--deepspeed",
+        choices=list(PRESETS),
+        metavar="PRESET",
+        help="pretrain only: ZeRO stage and precision",
+    )
+    p.add_argument("--submission-id", help="job id to use (default: Ray makes one)")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="stream the job's logs until it ends; exit 0 only if it succeeded",
+    )
+    p.add_argument(
+        "job", choices=SUBMITTABLE_JOBS, metavar="JOB", help="shard, pretrain or finetune"
+    )
+    p.add_argument("config", help="the job's YAML config, inside the working directory")
+    p.add_argument(
+        "args",
+        nargs=argparse.REMAINDER,
+        help="overrides and options for the job, e.g. optim.lr=3e-4 --num-workers 4",
+    )
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser(
+        "mlflow-server",
+        help="run the MLflow tracking server the jobs log to (foreground; Ctrl-C stops it)",
+        description="Starts `mlflow server` with a sqlite store under ROOT (or --backend-store-uri) and "
+        "proxied artifacts under ROOT/artifacts (or --artifacts-destination), and prints the "
+        "MLFLOW_TRACKING_URI to export.",
+    )
+    p.add_argument(
+        "--root", default="runs/mlflow", help="directory for the store, artifacts and server.log"
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to bind: 127.0.0.1 serves this machine only; a cluster head binds its private IP "
+        "so that the workers reach it",
+    )
+    p.add_argument(
+        "--port", type=int, default=5000, help="0 = any free port (default: %(default)s)"
+    )
+    p.add_argument(
+        "--backend-store-uri", default="", help="e.g. postgresql://user:pass@host/mlflow"
+    )
+    p.add_argument("--artifacts-destination", default="", help="e.g. s3://bucket/mlflow")
+    p.set_defaults(func=cmd_mlflow_server)
+
+    p = sub.add_parser(
+        "deepspeed-preset",
+        help="print a named DeepSpeed config (no NAME: list the presets)",
+        description="Prints the DeepSpeed config JSON that pretraining uses for the preset.",
+    )
+    p.add_argument("name", nargs="?", choices=list(PRESETS), metavar="NAME")
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=256,
+        help="sequences per worker per step (data.batch_size)",
+    )
+    p.add_argument(
+        "--grad-clip", type=float, default=1.0, help="gradient norm clip (optim.grad_clip; 0 = off)"
+    )
+    p.set_defaults(func=cmd_deepspeed_preset)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from cluster.jobs import follow, follow_hint, job_spec, submit
+
+    job_args = list(args.args)
+    if args.deepspeed:
+        if args.job != "pretrain":
+            raise ConfigError(f"--deepspeed: only pretrain jobs use DeepSpeed, not {args.job}")
+        job_args += preset_overrides(args.deepspeed)
+    _check_config(args.job, args.config, job_args)
+    spec = job_spec(
+        args.job,
+        args.config,
+        job_args,
+        working_dir=args.working_dir,
+        tracking_uri=args.tracking_uri,
+        env=_parse_env(args.env),
+        pip=args.pip,
+    )
+    job_id = submit(args.address, spec, submission_id=args.submission_id)
+    print(f"submitted {args.job} job {job_id} to {args.address}: {spec.entrypoint}")
+    if not args.wait:
+        print(follow_hint(args.address, job_id))
+        return 0
+    status = follow(args.address, job_id)
+    print(f"job {job_id} {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_mlflow_server(args: argparse.Namespace) -> int:
+    from cluster.mlflow_server import start_server, stop_server
+
+    server = start_server(
+        args.root,
+        host=args.host,
+        port=args.port,
+        backend_store_uri=args.backend_store_uri,
+        artifacts_destination=args.artifacts_destination,
+    )
+    print(f"MLflow tracking server at {server.url} (log: {server.log_path}); Ctrl-C stops it.")
+    print(f"  export MLFLOW_TRACKING_URI={server.url}", flush=True)
+    # `kill PID` (as a process supervisor stops it) must also stop the server's children.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        return server.process.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop_server(server)
+
+
+def cmd_deepspeed_preset(args: argparse.Namespace) -> int:
+    if args.name is None:
+        for name, (stage, precision) in PRESETS.items():
+            print(f"{name:12s} ZeRO stage {stage}, {precision}")
+        return 0
+    print(f"# pretrain overrides: {' '.join(preset_overrides(args.name))}", file=sys.stderr)
+    print(json.dumps(preset(args.name, args.micro_batch, args.grad_clip), indent=2))
+    return 0
+
+
+def _check_config(job: str, config: str, job_args: list[str]) -> None:
+    """Load CONFIG with the job's ``key=value`` overrides here, before anything is uploaded:
+    a typo fails in a second rather than after the cluster has started the job."""
+    from unisrec.cli import JOB_CONFIGS  # imported on use: cli.py imports this module
+    from unisrec.config import load_config
+
+    module, _, name = JOB_CONFIGS[job].partition(":")
+    overrides = [a for a in job_args if "=" in a and not a.startswith("-")]
+    load_config(getattr(importlib.import_module(module), name), config, overrides)
+
+
+def _parse_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--env {pair!r}: expected KEY=VALUE")
+        env[key] = value
+    return env

@@ -1,0 +1,319 @@
+"""Fine-tuning against a real MLflow store: frozen backbone, lineage, resume, tenant names.
+
+One sqlite store per module (creating it takes seconds); a tiny randomly initialised
+backbone is registered in it and pulled by alias, as a pretrained one would be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from helpers_data import write_small_dataset
+from mlflow.tracking import MlflowClient
+
+from adaptors.commands import register_commands
+from adaptors.config import FinetuneConfig
+from adaptors.evaluate import evaluate_registered
+from adaptors.finetune import epoch_batches, next_item_loss, run_finetune, window_tensor
+from adaptors.registry import load_bundle
+from pretrain.model import BackboneConfig, UniSRec
+from pretrain.registry import register_backbone
+from unisrec.config import ConfigError, from_dict, load_config
+
+BACKBONE = "test-backbone"
+BACKBONE_ALIAS = "prod"
+TINY = {
+    "hidden_size": 16,
+    "inner_size": 32,
+    "num_experts": 2,
+    "max_seq_len": 10,
+    "dropout": 0.1,
+    "attn_dropout": 0.1,
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("finetune")
+    uri = f"sqlite:///{root}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    data = write_small_dataset(root / "data", domains=("office", "garden"))
+    torch.manual_seed(0)
+    backbone = UniSRec(from_dict(BackboneConfig, TINY), text_dim=8)
+    mlflow.set_experiment("pretrain")
+    with mlflow.start_run() as run:
+        pass
+    register_backbone(
+        backbone,
+        run_id=run.info.run_id,
+        name=BACKBONE,
+        alias=BACKBONE_ALIAS,
+        data_digest="pretrain-digest",
+        encoder="test-encoder",
+        encoder_dim=8,
+        config_hash="0" * 16,
+    )
+    return {"root": root, "uri": uri, "data": data, "backbone": backbone, "run_id": run.info.run_id}
+
+
+def finetune_config(store: dict, tenant: str, **overrides) -> FinetuneConfig:
+    raw = {
+        "tenant": tenant,
+        "data": {"dir": str(store["data"]), "domain": "office"},
+        "backbone": f"models:/{BACKBONE}@{BACKBONE_ALIAS}",
+        "model": TINY,
+        "optim": {"max_epochs": 2, "batch_size": 16, "lr": 1e-2},
+        "mlflow": {"tracking_uri": store["uri"]},
+        "output_root": str(store["root"] / "runs"),
+    }
+    for key, value in overrides.items():
+        node = raw
+        *parents, leaf = key.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return from_dict(FinetuneConfig, raw)
+
+
+def best_state(summary: dict) -> dict[str, torch.Tensor]:
+    return torch.load(Path(summary["output_dir"]) / "best.pt", weights_only=False)["model"]
+
+
+def test_inductive_finetune_leaves_backbone_bit_identical_and_changes_adaptor(store):
+    summary = run_finetune(finetune_config(store, "acme"), progress=False)
+    trained = best_state(summary)
+    assert summary["best_epoch"] >= 1, "no epoch improved on the initial state"
+    original = store["backbone"].state_dict()
+    for name, value in original.items():
+        if name.startswith("encoder."):
+            assert torch.equal(trained[name], value), f"frozen {name} changed"
+    changed = [
+        n for n in original if n.startswith("adaptor.") and not torch.equal(trained[n], original[n])
+    ]
+    assert changed, "the adaptor did not train"
+
+
+def test_transductive_trains_id_embeddings_and_not_the_backbone(store):
+    summary = run_finetune(finetune_config(store, "acme-ids", mode="transductive"), progress=False)
+    trained = best_state(summary)
+    assert trained["item_ids.weight"].shape == (31, 16)
+    assert trained["item_ids.weight"][1:].abs().sum() > 0
+    for name, value in store["backbone"].state_dict().items():
+        if name.startswith("encoder."):
+            assert torch.equal(trained[name], value)
+    model, spec = load_bundle(Path(summary["output_dir"]) / "adaptor")
+    assert spec.mode == "transductive" and not spec.trains_everything
+    assert torch.equal(model.item_ids.weight, trained["item_ids.weight"])
+
+
+def test_adaptor_is_registered_small_with_lineage_tags_and_latest_alias(store):
+    summary = run_finetune(finetune_config(store, "lineage"), progress=False)
+    client = MlflowClient()
+    version = client.get_model_version_by_alias("unisrec-adaptor-lineage", "latest")
+    assert str(version.version) == summary["model_version"]
+    tags = version.tags
+    assert tags["unisrec.tenant"] == "lineage"
+    assert tags["unisrec.backbone_name"] == BACKBONE
+    assert tags["unisrec.backbone_version"] == "1"
+    assert tags["unisrec.backbone_run_id"] == store["run_id"]
+    assert tags["unisrec.domain"] == "office"
+    assert tags["unisrec.mode"] == "inductive"
+    assert tags["unisrec.encoder"] == "test-encoder"
+    assert (
+        tags["unisrec.data_digest"]
+        == json.loads((store["data"] / "manifest.json").read_text())["digest"]
+    )
+    stored = torch.load(Path(summary["output_dir"]) / "adaptor" / "trained.pt", weights_only=True)
+    assert stored and all(k.startswith("adaptor.") for k in stored), "the backbone was copied"
+
+
+def test_metrics_json_has_both_splits_popularity_groups_and_run_facts(store):
+    summary = run_finetune(finetune_config(store, "metrics"), progress=False)
+    metrics = json.loads((Path(summary["output_dir"]) / "metrics.json").read_text())
+    for split in ("valid", "test"):
+        assert set(metrics[split]) == {"recall@10", "ndcg@10", "recall@50", "ndcg@50"}
+        assert 0 <= metrics[split]["ndcg@10"] <= metrics[split]["recall@10"] <= 1
+    assert metrics["test"]["recall@50"] == 1.0  # 30 items: every target is in the top 50
+    assert len(metrics["test_by_popularity"]) == 5
+    assert sum(g["count"] for g in metrics["test_by_popularity"]) == 40
+    assert metrics["mode"] == "inductive" and metrics["backbone"] == f"models:/{BACKBONE}/1"
+    assert 1 <= metrics["best_epoch"] <= 2
+
+
+def test_evaluate_registered_reproduces_the_finetune_test_metrics(store):
+    summary = run_finetune(finetune_config(store, "rescored"), progress=False)
+    out = store["root"] / "evaluate"
+    rescored = evaluate_registered(
+        "models:/unisrec-adaptor-rescored@latest", str(store["data"]), "", str(out), ks=[10, 50]
+    )
+    assert rescored["test"] == pytest.approx(summary["test"])
+    assert json.loads((out / "metrics.json").read_text())["domain"] == "office"
+
+
+def test_inductive_adaptor_scores_another_domain_but_an_id_model_refuses(store):
+    from sharding.errors import DataError
+
+    run_finetune(finetune_config(store, "cross"), progress=False)
+    run_finetune(finetune_config(store, "cross-ids", mode="transductive"), progress=False)
+    out = str(store["root"] / "evaluate-cross")
+    garden = evaluate_registered(
+        "models:/unisrec-adaptor-cross@latest", str(store["data"]), "garden", out, ks=[10]
+    )
+    assert garden["domain"] == "garden"
+    with pytest.raises(DataError, match="only the 30 items of 'office'"):
+        evaluate_registered(
+            "models:/unisrec-adaptor-cross-ids@latest", str(store["data"]), "garden", out, ks=[10]
+        )
+
+
+def test_backbone_of_another_text_encoder_is_refused(store):
+    other = write_small_dataset(store["root"] / "other-encoder", encoder_name="another-encoder")
+    cfg = finetune_config(store, "mismatch", data__dir=str(other))
+    with pytest.raises(ConfigError, match="another-encoder"):
+        run_finetune(cfg, progress=False)
+
+
+def test_missing_backbone_is_a_config_error(store):
+    cfg = finetune_config(store, "nobackbone", backbone="models:/no-such-backbone@prod")
+    with pytest.raises(ConfigError, match="not in the model registry"):
+        run_finetune(cfg, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("tenant", "overrides", "trains"),
+    [
+        ("scratch", {"backbone": "none"}, "unisrec"),
+        ("full", {"full_finetune": True}, "unisrec"),
+        ("sasrec", {"backbone": "none", "baseline": "sasrec"}, "sasrec"),
+    ],
+)
+def test_from_scratch_full_and_sasrec_train_every_parameter(store, tenant, overrides, trains):
+    summary = run_finetune(finetune_config(store, tenant, **overrides), progress=False)
+    stored = torch.load(Path(summary["output_dir"]) / "adaptor" / "trained.pt", weights_only=True)
+    assert any(k.startswith("encoder.") for k in stored), "the whole model should be stored"
+    model, spec = load_bundle(Path(summary["output_dir"]) / "adaptor")
+    assert spec.trains_everything and spec.baseline == trains
+    if trains == "sasrec":
+        assert not hasattr(model, "adaptor")
+
+
+def test_resumed_run_ends_where_an_uninterrupted_run_ends(store):
+    straight = run_finetune(finetune_config(store, "straight", optim__patience=5), progress=False)
+    first = run_finetune(
+        finetune_config(store, "resumed", optim__max_epochs=1, optim__patience=5), progress=False
+    )
+    resumed = run_finetune(finetune_config(store, "resumed", optim__patience=5), progress=False)
+    assert resumed["run_id"] == first["run_id"]
+    assert resumed["epochs_run"] == straight["epochs_run"] == 2
+    last = {name: torch.load(Path(s["output_dir"]) / "last.pt", weights_only=False)["model"] for name, s in
+            (("straight", straight), ("resumed", resumed))}  # fmt: skip
+    for key, value in last["straight"].items():
+        assert torch.equal(value, last["resumed"][key]), key
+    assert resumed["test"] == straight["test"]
+
+
+def test_restart_ignores_last_checkpoint_and_changed_setup_is_refused(store):
+    run_finetune(finetune_config(store, "restart", optim__max_epochs=1), progress=False)
+    with pytest.raises(ConfigError, match="mode"):
+        run_finetune(finetune_config(store, "restart", mode="transductive"), progress=False)
+    again = run_finetune(
+        finetune_config(store, "restart", mode="transductive", optim__max_epochs=1),
+        restart=True,
+        progress=False,
+    )
+    assert again["epochs_run"] == 1 and again["mode"] == "transductive"
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "Upper", "", "-lead", "a" * 64, "a..b/c"])
+def test_bad_tenant_names_are_refused(tmp_path, name):
+    path = tmp_path / "finetune.yaml"
+    path.write_text("data: {domain: office}\n")
+    with pytest.raises(ConfigError, match="tenant"):
+        cfg = load_config(FinetuneConfig, path, [f"tenant={name!r}" if name else "tenant=''"])
+        run_finetune(cfg, progress=False)
+
+
+def test_a_tenant_cannot_take_another_tenants_or_a_backbones_model_name(store):
+    run_finetune(finetune_config(store, "owner", optim__max_epochs=1), progress=False)
+    thief = finetune_config(
+        store, "thief", optim__max_epochs=1, mlflow__registered_model="unisrec-adaptor-owner"
+    )
+    with pytest.raises(ConfigError, match="belongs to tenant 'owner'"):
+        run_finetune(thief, progress=False)
+    squatter = finetune_config(
+        store, "squatter", optim__max_epochs=1, mlflow__registered_model=BACKBONE
+    )
+    with pytest.raises(ConfigError, match="belongs to no tenant"):
+        run_finetune(squatter, progress=False)
+    assert not (store["root"] / "runs" / "thief" / "last.pt").exists(), "refused before training"
+
+
+def test_windows_cover_every_transition_once_and_pad_with_zeros():
+    windows = window_tensor(
+        [np.array([1, 2, 3, 4, 5, 6, 7]), np.array([8]), np.array([9, 10])], max_seq_len=3
+    )
+    assert windows.tolist() == [[1, 2, 3, 4], [4, 5, 6, 7], [9, 10, 0, 0]]
+
+
+@pytest.mark.parametrize("bucket", [False, True])
+def test_epoch_batches_visit_every_window_once_in_a_seeded_order(bucket):
+    lengths = torch.tensor([1, 9, 2, 8, 1, 7, 3, 1, 9, 2])
+
+    def batches(seed):
+        return epoch_batches(lengths, 3, bucket, torch.Generator().manual_seed(seed))
+
+    first = batches(0)
+    assert sorted(torch.cat(first).tolist()) == list(range(10))
+    assert [b.tolist() for b in first] == [b.tolist() for b in batches(0)]
+    if bucket:  # as little padding as sorting all windows by length gives
+        padded = sum(int(lengths[b].max()) * len(b) for b in first)
+        assert padded == sum(int(lengths[b].max()) * len(b) for b in lengths.argsort().split(3))
+
+
+def test_next_item_loss_is_cross_entropy_of_cosine_logits_over_all_items_at_target_positions():
+    torch.manual_seed(0)
+    model = UniSRec(
+        from_dict(
+            BackboneConfig, {**TINY, "dropout": 0.0, "attn_dropout": 0.0, "adaptor_dropout": 0.0}
+        ),
+        8,
+    )
+    model.eval()  # no gate noise: the loss is deterministic
+    table = torch.nn.functional.pad(torch.randn(6, 8), (0, 0, 1, 0))
+    inputs = torch.tensor([[1, 2, 3], [4, 0, 0]])
+    targets = torch.tensor([[2, 3, 5], [0, 0, 0]])  # user 2 has no target: nothing to learn
+    loss = next_item_loss(model, inputs, targets, table, temperature=0.5)
+
+    with torch.no_grad():
+        items = torch.nn.functional.normalize(
+            model.item_vectors(table[1:], torch.arange(1, 7)), dim=-1
+        )
+        seq = torch.nn.functional.normalize(model.sequence_outputs(inputs[:1], table)[0], dim=-1)
+        logits = seq @ items.T / 0.5  # (3 positions, 6 items)
+        expected = -torch.log_softmax(logits, dim=-1)[
+            torch.arange(3), torch.tensor([1, 2, 4])
+        ].mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_finetune_command_reads_yaml_and_overrides_and_prints_the_summary(store, tmp_path, capsys):
+    config = tmp_path / "finetune.yaml"
+    config.write_text(
+        f"tenant: cli\ndata: {{dir: {store['data']}, domain: office}}\nbackbone: none\n"
+        f"model: {json.dumps(TINY)}\noptim: {{max_epochs: 1, batch_size: 16}}\n"
+        f"mlflow: {{tracking_uri: '{store['uri']}'}}\noutput_root: {tmp_path / 'runs'}\n"
+    )
+    parser = argparse.ArgumentParser(prog="unisrec")
+    register_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["finetune", str(config), "mode=transductive", "-q"])
+    assert args.func(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["tenant"], summary["mode"], summary["epochs_run"]) == ("cli", "transductive", 1)
+    assert (tmp_path / "runs" / "cli" / "metrics.json").is_file()
