@@ -163,11 +163,13 @@ def test_killed_worker_is_restarted_and_reaches_the_same_final_loss(workspace, u
 
 
 def test_stopped_run_continues_with_resume(workspace, uninterrupted):
+    from ray.train import TrainingFailedError
+
     from pretrain.job import run_pretrain
 
     root, data = workspace
     cfg = _config(root, data, "stopped", "fault.kill_at_step=7", "distributed.max_failures=0")
-    with pytest.raises(Exception):
+    with pytest.raises(TrainingFailedError):
         run_pretrain(cfg)
     summary = run_pretrain(cfg, resume=True)
     assert summary["run_id"] == json.loads((root / "stopped" / "run.json").read_text())["run_id"]
