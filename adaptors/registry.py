@@ -26,6 +26,7 @@ from adaptors.config import validate_tenant_name
 from adaptors.sasrec import SASRec
 from pretrain.model import BackboneConfig, UniSRec
 from pretrain.registry import TAG_ENCODER, TAG_ENCODER_DIM, TAG_RUN_ID
+from sharding.errors import DataError
 from unisrec.config import ConfigError, from_dict
 
 SPEC_FILE = "spec.json"
@@ -166,10 +167,15 @@ def read_spec(directory: Path) -> AdaptorSpec:
     path = Path(directory) / SPEC_FILE
     raw = json.loads(path.read_text(encoding="utf-8"))
     if raw.get("format_version") != SPEC_VERSION:
-        raise ValueError(
-            f"{path}: adaptor spec version {raw.get('format_version')!r}, expected {SPEC_VERSION}"
+        raise DataError(
+            f"adaptor spec version {raw.get('format_version')!r}, this reader reads {SPEC_VERSION}",
+            file=path,
+            field="format_version",
         )
-    return AdaptorSpec(**raw)
+    try:
+        return from_dict(AdaptorSpec, raw)
+    except ConfigError as err:
+        raise DataError(str(err), file=path) from err
 
 
 def load_bundle(directory: Path) -> tuple[nn.Module, AdaptorSpec]:

@@ -300,7 +300,7 @@ def test_next_item_loss_is_cross_entropy_of_cosine_logits_over_all_items_at_targ
         expected = -torch.log_softmax(logits, dim=-1)[
             torch.arange(3), torch.tensor([1, 2, 4])
         ].mean()
-    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_finetune_command_reads_yaml_and_overrides_and_prints_the_summary(store, tmp_path, capsys):
