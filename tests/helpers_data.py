@@ -45,22 +45,23 @@ def write_small_dataset(
     max_seq_len: int = 10,
     seed: int = 0,
     encoder_name: str = TEST_ENCODER["name"],
+    pretrain_domains: tuple[str, ...] = (),
 ) -> Path:
     """Write a dataset directory of ``domains`` under ``root``; returns its path."""
     rng = np.random.default_rng(seed)
     encoded = [
         EncodedDomain(
             sequences=small_domain(name, num_users, num_items, rng),
-            pretrain=False,
-            vectors=rng.standard_normal((num_items, dim)).astype(np.float32),
-            worddrop_vectors=None,
+            pretrain=name in pretrain_domains,
+            vectors=(vectors := rng.standard_normal((num_items, dim)).astype(np.float32)),
+            worddrop_vectors=vectors + 0.1 if name in pretrain_domains else None,
         )
         for name in domains
     ]
     cfg = ShardJobConfig(
         domains=[],
         processing=ProcessingConfig(max_seq_len=max_seq_len),
-        shards=ShardOutputConfig(num_shards=1),
+        shards=ShardOutputConfig(num_shards=2),
     )
     encoder = {**TEST_ENCODER, "name": encoder_name, "dim": dim}
     write_dataset(Path(root), encoded, encoder, cfg)

@@ -78,9 +78,10 @@ def test_domains_interleave_within_shards(tmp_path):
 
 def test_seeded_shuffle_is_reproducible_and_changes_with_epoch(tmp_path):
     _, specs = _write(tmp_path)
-    order = lambda epoch: torch.cat(
-        [b["sample_id"] for b in _read(specs, 0, 1, 0, epoch)[1]]
-    ).tolist()  # noqa: E731
+
+    def order(epoch):
+        return torch.cat([b["sample_id"] for b in _read(specs, 0, 1, 0, epoch)[1]]).tolist()
+
     assert order(0) == order(0)
     assert order(0) != order(1)
 

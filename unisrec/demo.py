@@ -161,6 +161,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(table)
     examples = _example_recommendations(out, cfg.tenants, results)
     print(examples)
+    lineage = _registry_lineage(tracking_uri)
+    print(lineage)
     plots = [
         _plot_metrics(rows, out / "metrics.png"),
         Path(pretrain_cfg.output_dir) / "pretrain_loss.png",
@@ -177,7 +179,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "plots": [str(p) for p in plots if p.exists()],
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "demo_report.txt").write_text(table + "\n\n" + examples + "\n")
+    (out / "demo_report.txt").write_text("\n\n".join([table, examples, lineage]) + "\n")
     _log_demo_run(tracking_uri, summary, out)
     print(
         f"\noutputs: {out}\n"
@@ -261,6 +263,30 @@ def _example_recommendations(
     return "\n".join(lines)
 
 
+def _registry_lineage(tracking_uri: str) -> str:
+    """Every registered model's newest version with the tags that say what made it."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    lines = ["registry (newest version of each model, lineage tags):"]
+    for model in sorted(client.search_registered_models(), key=lambda m: m.name):
+        newest = max(
+            client.search_model_versions(f"name='{model.name}'"), key=lambda v: int(v.version)
+        )
+        tags = newest.tags
+        if tags.get("unisrec.kind") == "backbone":
+            origin = f"run {tags['unisrec.run_id'][:8]}, data {tags['unisrec.data_digest'][:12]}, encoder {tags['unisrec.encoder']}"
+        else:
+            made_from = (
+                f"{tags['unisrec.backbone_name']} v{tags['unisrec.backbone_version']}"
+                if tags.get("unisrec.backbone_name", "none") != "none"
+                else "no backbone (scratch)"
+            )
+            origin = f"{made_from}, data {tags.get('unisrec.data_digest', '')[:12]}, {tags.get('unisrec.mode', '')}"
+        lines.append(f"  {model.name:<30} v{newest.version}  <- {origin}")
+    return "\n".join(lines)
+
+
 def _plot_metrics(rows: list[dict], path: Path) -> Path:
     import matplotlib
 
@@ -297,7 +323,7 @@ def _log_demo_run(tracking_uri: str, summary: dict, out: Path) -> None:
             if not row["error"]:
                 mlflow.log_metrics(
                     {
-                        f"{row['tenant']}.{k}": row[k]
+                        f"{row['tenant']}/{k.replace('@', '_at_')}": row[k]  # '@' is not allowed
                         for k in ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
                     }
                 )
