@@ -107,7 +107,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # 4. Train.
     engine.train()
-    meter = _Throughput()
+    meter = _WindowMeter()
     metrics: dict = {}
     while state["step"] < total_steps:
         batches = stream.epoch(state["epoch"])
@@ -146,16 +146,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state["batch_in_epoch"] = batch_index + 1
             state["samples_seen"] += int(counts[0])
             state["tokens_seen"] += int(counts[1])
-            meter.add(int(counts[0]), int(counts[1]))
+            meter.add(int(counts[0]), int(counts[1]), out["seq_item"], out["seq_seq"])
 
             done = state["step"] >= total_steps
             if state["step"] % cfg.log_every == 0 or done:
                 metrics = {
-                    "loss": out["seq_item"] + cfg.loss.lam * out["seq_seq"],
-                    "loss_seq_item": out["seq_item"],
-                    "loss_seq_seq": out["seq_seq"],
+                    **meter.report(cfg.loss.lam),
                     "lr": scheduler.get_last_lr()[0],
-                    **meter.rates(),
                     "samples_seen": state["samples_seen"],
                     "epoch": state["epoch"],
                 }
@@ -171,24 +168,36 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state["batch_in_epoch"] = 0
 
 
-class _Throughput:
-    """Sequences and non-padding tokens per second since the last report."""
+class _WindowMeter:
+    """Mean losses, sequences and non-padding tokens per second since the last report.
+
+    Losses are averaged over the window's steps: one step's loss is noisy, and an epoch's
+    last, partly filled batch has fewer negatives and so a lower loss.
+    """
 
     def __init__(self):
         self.start, self.sequences, self.tokens = time.perf_counter(), 0, 0
+        self.steps, self.seq_item, self.seq_seq = 0, 0.0, 0.0
 
-    def add(self, sequences: int, tokens: int) -> None:
+    def add(self, sequences: int, tokens: int, seq_item: float, seq_seq: float) -> None:
         self.sequences += sequences
         self.tokens += tokens
+        self.steps += 1
+        self.seq_item += seq_item
+        self.seq_seq += seq_seq
 
-    def rates(self) -> dict[str, float]:
+    def report(self, lam: float) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        rates = {
+        steps = max(self.steps, 1)
+        out = {
+            "loss": (self.seq_item + lam * self.seq_seq) / steps,
+            "loss_seq_item": self.seq_item / steps,
+            "loss_seq_seq": self.seq_seq / steps,
             "sequences_per_second": self.sequences / elapsed,
             "tokens_per_second": self.tokens / elapsed,
         }
         self.__init__()
-        return rates
+        return out
 
 
 def _total_steps(cfg: PretrainConfig, stream) -> int:
