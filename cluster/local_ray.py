@@ -37,11 +37,17 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address)
         return
+    from cluster.mlflow_server import free_port
+
     use_loopback()
     ray.init(
         address="local",  # a new local instance, never another user's Ray on this machine
         num_cpus=num_cpus or os.cpu_count(),
-        include_dashboard=False,
+        # Ray Train's controller watches its actors through the state API, which the
+        # dashboard serves; without it every check logs a warning.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=free_port(),
         _node_ip_address="127.0.0.1",
         runtime_env={"env_vars": {k: os.environ[k] for k in LOOPBACK_ENV}},
         log_to_driver=True,
