@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from sharding.config import EncoderConfig
 from sharding.embedding_cache import EmbeddingCache
-from unisrec.config import ConfigError
+from unisrec.config import ConfigError, expand_env
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,8 @@ def encode_texts(
     encoder. The model is loaded only when some text is not cached.
     """
     info = EncoderInfo(encoder_name(cfg.model), model_dim(cfg.model), cfg.pooling, cfg.max_length)
-    cache = EmbeddingCache(cfg.cache_dir, info.identity, info.dim) if cfg.cache_dir else None
+    cache_dir = expand_env(cfg.cache_dir)  # also when cfg was built in code, not loaded
+    cache = EmbeddingCache(cache_dir, info.identity, info.dim) if cache_dir else None
 
     def encode_missing(missing: list[str]) -> np.ndarray:
         if cfg.backend == "ray":

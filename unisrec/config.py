@@ -68,8 +68,12 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"unknown key '{prefix}{key}'{hint}; known: {', '.join(fields)}")
     kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
     for name, f in fields.items():  # defaults may name environment variables too
-        if name not in kwargs and isinstance(f.default, str) and "${" in f.default:
-            kwargs[name] = _expand_env(f.default)
+        if name in kwargs:
+            continue
+        if isinstance(f.default, str) and "${" in f.default:
+            kwargs[name] = expand_env(f.default)
+        elif dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = from_dict(hints[name], {}, f"{prefix}{name}.")
     try:
         obj = cls(**kwargs)
     except TypeError as err:
@@ -123,7 +127,8 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _expand_env(value: str) -> str:
+def expand_env(value: str) -> str:
+    """``${NAME:-default}`` references in ``value`` replaced from the environment."""
     out, i = [], 0
     while True:
         start = value.find("${", i)
@@ -192,6 +197,6 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return _expand_env(str(value))
+            return expand_env(str(value))
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     return value
