@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -201,12 +202,14 @@ def _manifest_as_dataset(dataset: Dataset):
         }
         for d in dataset.domains.values()
     ]
-    return mlflow.data.from_pandas(
-        pd.DataFrame(rows),
-        source=str(dataset.root),
-        name=f"unisrec-shards-{dataset.digest[:8]}",
-        digest=dataset.digest[:32],
-    )
+    with warnings.catch_warnings():  # integer counts: MLflow's "missing values" hint does not apply
+        warnings.simplefilter("ignore", UserWarning)
+        return mlflow.data.from_pandas(
+            pd.DataFrame(rows),
+            source=str(dataset.root),
+            name=f"unisrec-shards-{dataset.digest[:8]}",
+            digest=dataset.digest[:32],
+        )
 
 
 def _plot_loss(run_id: str, path: Path) -> None:

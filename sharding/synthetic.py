@@ -150,20 +150,27 @@ def topic_of(text: str) -> str | None:
 
 
 def write_synthetic(
-    out_dir: str | Path, seed: int = 0, scale: float = 1.0, num_sources: int = 4
+    out_dir: str | Path,
+    seed: int = 0,
+    scale: float = 1.0,
+    num_sources: int = 4,
+    target_scale: float | None = None,
 ) -> list[dict]:
     """Write ``num_sources`` source and two target domains under ``out_dir``.
 
     Same ``seed`` and ``scale`` -> byte-identical files. A domain's data depends only on
     ``seed``, ``scale`` and its own name, so adding sources leaves the others unchanged.
-    ``scale`` multiplies the numbers of users and items (at least 24 items, 10 users).
+    ``scale`` multiplies the numbers of users and items (at least 24 items, 10 users);
+    ``target_scale`` (default: ``scale``) does so for the two targets alone: a small, sparse
+    target is where a pretrained backbone pays off.
 
     Returns one ``DomainSource`` mapping per domain (sources first, with ``pretrain: true``).
     """
     if not 1 <= num_sources <= len(SOURCE_DOMAINS):
         raise ValueError(f"num_sources: must be 1..{len(SOURCE_DOMAINS)}, got {num_sources}")
-    if scale <= 0:
-        raise ValueError(f"scale: must be > 0, got {scale}")
+    target_scale = scale if target_scale is None else target_scale
+    if scale <= 0 or target_scale <= 0:
+        raise ValueError(f"scale, target_scale: must be > 0, got {scale}, {target_scale}")
     out = Path(out_dir)
     plans = [(style, True) for style in SOURCE_DOMAINS[:num_sources]]
     plans += [(style, False) for style in TARGET_DOMAINS]
@@ -175,8 +182,9 @@ def write_synthetic(
             num_users, num_items = int(rng.integers(300, 401)), int(rng.integers(150, 251))
         else:
             num_users, num_items = int(rng.integers(150, 301)), 150
-        num_users = max(10, round(num_users * scale))
-        num_items = max(2 * len(TOPICS), round(num_items * scale))
+        factor = scale if is_source else target_scale
+        num_users = max(10, round(num_users * factor))
+        num_items = max(2 * len(TOPICS), round(num_items * factor))
         item_topics, texts = _make_items(style, num_items, rng)
         events = _make_sequences(style.name, item_topics, num_users, rng)
         _write_domain(out / style.name, style.name, texts, events)

@@ -32,6 +32,7 @@ class SyntheticData:
     seed: int = 0
     scale: float = 1.0  # users per domain relative to the default sizes
     num_sources: int = 4  # pretraining domains (targets: crafts and gifts)
+    target_scale: float = 0.35  # small targets (~50-100 users, ~50 items): where pretraining pays off
 
 
 @dataclass
@@ -77,6 +78,7 @@ class DemoConfig:
 
 SMOKE = [
     "data.synthetic.scale=0.4",
+    "data.synthetic.target_scale=0.4",
     "data.synthetic.num_sources=2",
     'pretrain=["data.batch_size=32","optim.epochs=1","distributed.num_workers=2","distributed.zero_stage=2","log_every=2","distributed.checkpoint_every=100"]',
     'finetune=["optim.max_epochs=3","optim.patience=2","optim.batch_size=64"]',
@@ -106,7 +108,11 @@ def run_demo(cfg: DemoConfig) -> dict:
 
         syn = cfg.data.synthetic
         domains = write_synthetic(
-            out / "raw", seed=syn.seed, scale=syn.scale, num_sources=syn.num_sources
+            out / "raw",
+            seed=syn.seed,
+            scale=syn.scale,
+            num_sources=syn.num_sources,
+            target_scale=syn.target_scale,
         )
         shard_cfg = from_dict(
             ShardJobConfig, {"domains": domains, "processing": {"max_seq_len": 20}}
