@@ -69,9 +69,9 @@ def deepspeed_config(
         "bf16": {"enabled": precision == "bf16"},
         "steps_per_print": _NEVER,
         "wall_clock_breakdown": False,
+        # Always explicit: DeepSpeed clips at 1.0 when the key is absent.
+        "gradient_clipping": grad_clip,
     }
-    if grad_clip > 0:
-        config["gradient_clipping"] = grad_clip
     return config
 
 

@@ -27,17 +27,14 @@ STATE_FILE = "train_state.json"
 
 def deepspeed_config(cfg: PretrainConfig) -> dict:
     """The DeepSpeed config for ``cfg`` (optimizer and scheduler are client objects)."""
-    ds = {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": cfg.distributed.zero_stage},
-        "bf16": {"enabled": cfg.distributed.precision == "bf16"},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if cfg.optim.grad_clip > 0:
-        ds["gradient_clipping"] = cfg.optim.grad_clip
-    return ds
+    from cluster.deepspeed_presets import deepspeed_config as preset_config
+
+    return preset_config(
+        cfg.distributed.zero_stage,
+        cfg.distributed.precision,
+        cfg.data.batch_size,
+        cfg.optim.grad_clip,
+    )
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

@@ -161,7 +161,8 @@ def test_presets_cover_every_stage_in_both_precisions():
     assert PRESETS["zero2"] == (2, "fp32")
     assert PRESETS["zero3-bf16"] == (3, "bf16")
     assert sorted(PRESETS.values()) == [(s, p) for s in range(4) for p in ("bf16", "fp32")]
-    assert "gradient_clipping" not in deepspeed_config(2, "fp32", 8, grad_clip=0.0)
+    # explicit off: without the key DeepSpeed would clip at 1.0
+    assert deepspeed_config(2, "fp32", 8, grad_clip=0.0)["gradient_clipping"] == 0.0
     with pytest.raises(ValueError):
         deepspeed_config(4, "fp32", 8)
     with pytest.raises(ValueError):
