@@ -103,6 +103,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
 
     # 3. One fp32 backbone from the final (possibly ZeRO-partitioned) checkpoint.
     model, final_metrics = _consolidate(result.checkpoint, cfg, dataset.encoder_dim)
+    final_metrics.update(_last_losses(run_id))
 
     # 4. Register with lineage, then the summary.
     from pretrain.registry import register_backbone
@@ -159,16 +160,14 @@ def _consolidate(checkpoint, cfg: PretrainConfig, text_dim: int):
     model = UniSRec(cfg.model, text_dim=text_dim)
     model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()})
     state_path = Path(checkpoint.path) / STATE_FILE
-    metrics = json.loads(state_path.read_text()) if state_path.exists() else {}
-    metrics.update(_last_metrics(cfg, checkpoint))
-    return model, metrics
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    return model, state
 
 
-def _last_metrics(cfg, checkpoint) -> dict:
+def _last_losses(run_id: str) -> dict:
     from mlflow.tracking import MlflowClient
 
-    run = json.loads((Path(cfg.output_dir) / RUN_STATE).read_text())["run_id"]
-    data = MlflowClient().get_run(run).data.metrics
+    data = MlflowClient().get_run(run_id).data.metrics
     return {k: data[k] for k in ("loss", "loss_seq_item", "loss_seq_seq") if k in data}
 
 
