@@ -33,11 +33,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from adaptors.evaluate import evaluate_registered
+    from adaptors.rescore import evaluate_registered
+    from unisrec.tags import LATEST, adaptor_model_name
     from unisrec.tracking import configure_mlflow
 
     configure_mlflow(args.tracking_uri)
-    uri = args.model or f"models:/unisrec-adaptor-{_tenant(args.tenant)}@latest"
+    uri = args.model or f"models:/{adaptor_model_name(_tenant(args.tenant))}@{LATEST}"
     out = args.out or str(Path("runs/evaluate") / (args.tenant or uri.split("/")[-1].split("@")[0]))
     metrics = evaluate_registered(
         uri,
@@ -53,9 +54,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    from adaptors.registry import load_bundle
-    from adaptors.serving import Catalogue, parse_history, top_k
-    from unisrec.config import ConfigError
+    from adaptors.bundle import load_bundle
+    from adaptors.catalogue import Catalogue
+    from adaptors.serving import parse_history, top_k
+    from unisrec.errors import ConfigError
     from unisrec.tracking import configure_mlflow
 
     configure_mlflow(args.tracking_uri)  # the backbone loads from the registry
@@ -76,7 +78,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def cmd_catalogue_add(args: argparse.Namespace) -> int:
-    from adaptors.serving import Catalogue, add_items_from_csv
+    from adaptors.catalogue import Catalogue, add_items_from_csv
 
     out = Path(args.output_dir or Path(DEFAULT_OUTPUT_ROOT) / _tenant(args.tenant))
     before = len(Catalogue.load(out / "catalogue"))
@@ -86,10 +88,10 @@ def cmd_catalogue_add(args: argparse.Namespace) -> int:
 
 
 def _tenant(name: str | None) -> str:
-    from adaptors.config import validate_tenant_name
+    from unisrec.tags import validate_tenant_name
 
     if not name:
-        from unisrec.config import ConfigError
+        from unisrec.errors import ConfigError
 
         raise ConfigError("--tenant is required")
     return validate_tenant_name(name)

@@ -19,29 +19,12 @@ sasrec       (shape)      (ignored)      (ignored)       everything: ID-only SAS
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pretrain.model import BackboneConfig
-from unisrec.config import ConfigError
-
-# Tenant names end up in model names, run names and directory names: keep them boring.
-TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-DEFAULT_MODEL_PREFIX = "unisrec-adaptor-"
-
-
-def validate_tenant_name(name: str) -> str:
-    """Return ``name`` if it matches ``^[a-z0-9][a-z0-9_-]{0,62}$``, else raise ConfigError.
-
-    The pattern alone rules out path separators, ``..``, upper case and the empty name.
-    """
-    if not isinstance(name, str) or not TENANT_PATTERN.fullmatch(name):
-        raise ConfigError(
-            f"tenant: {name!r} is not a valid tenant name "
-            "(1-63 of a-z, 0-9, '_', '-', starting with a letter or digit)"
-        )
-    return name
+from unisrec.errors import ConfigError
+from unisrec.tags import adaptor_model_name, validate_tenant_name
 
 
 @dataclass
@@ -146,7 +129,7 @@ class FinetuneConfig:
     @property
     def model_name(self) -> str:
         """The registered model of this tenant's adaptor."""
-        return self.mlflow.registered_model or f"{DEFAULT_MODEL_PREFIX}{self.tenant}"
+        return self.mlflow.registered_model or adaptor_model_name(self.tenant)
 
     @property
     def resolved_output_dir(self) -> str:

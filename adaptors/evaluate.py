@@ -16,17 +16,14 @@ Metrics, averaged over users (as the paper and RecBole): ``recall@k = [rank < k]
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from adaptors.sasrec import SASRec
+from pretrain.model import SequenceRecommender
 
 
 @dataclass
@@ -59,39 +56,6 @@ class EvalSplit:
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
-
-
-def catalogue_vectors(model: nn.Module, text_table: torch.Tensor) -> torch.Tensor:
-    """text_table: ``(N+1, D)`` float32 (row 0 padding) -> ``(N, H)`` vectors of items 1..N."""
-    ids = torch.arange(1, text_table.shape[0], device=text_table.device)
-    return model.item_vectors(text_table[1:], ids)
-
-
-def encode_histories(
-    model: nn.Module, items: torch.Tensor, histories: torch.Tensor
-) -> torch.Tensor:
-    """Sequence outputs from item vectors computed beforehand.
-
-    items: ``(N, H)`` from :func:`catalogue_vectors`; histories: ``(B, T)`` long, right-padded
-    with 0 -> ``(B, T, H)``. The encoder reads ``items`` by index (padding reads a zero vector,
-    harmless: causal attention never lets a real position see a later padded one). This is
-    ``model.sequence_outputs`` without running the adaptor again for every batch: the adaptor
-    over the whole catalogue is the costliest step (8 experts x N x D x H).
-    """
-    return model.encoder(F.pad(items, (0, 0, 1, 0))[histories])
-
-
-def similarity_logits(
-    model: nn.Module, seq: torch.Tensor, items: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """seq: ``(..., H)``, items: ``(N, H)`` -> logits ``(..., N)`` float32.
-
-    UniSRec: cosine similarity / temperature (the paper's fine-tuning loss). SASRec: plain
-    dot products, as RecBole's SASRec trained with cross-entropy.
-    """
-    if isinstance(model, SASRec):
-        return seq @ items.T
-    return F.normalize(seq, dim=-1) @ F.normalize(items, dim=-1).T / temperature
 
 
 def rank_of_targets(
@@ -181,7 +145,7 @@ def metrics_by_group(
 
 @torch.no_grad()
 def rank_split(
-    model: nn.Module,
+    model: SequenceRecommender,
     split: EvalSplit,
     text_table: torch.Tensor,
     *,
@@ -196,15 +160,14 @@ def rank_split(
     """
     model.eval()
     device = text_table.device
-    items = catalogue_vectors(model, text_table)  # once for all users
+    items = model.catalogue_vectors(text_table)  # (N+1, H), once for all users
     ranks = torch.empty(len(split), dtype=torch.long)
     # Users of similar history length share a batch, so little of it is padding.
     for batch in torch.argsort(split.lengths, stable=True).split(batch_size):
         lengths = split.lengths[batch].to(device)
         histories = split.histories[batch, : int(lengths.max())].to(device)
-        outputs = encode_histories(model, items, histories)
-        last = outputs[torch.arange(len(batch), device=device), lengths - 1]  # (U, H)
-        logits = similarity_logits(model, last, items, temperature)  # (U, N)
+        last = model.last(model.encode(histories, items), lengths)  # (U, H)
+        logits = model.score(last, items[1:], temperature)  # (U, N)
         scores = F.pad(logits, (1, 0), value=float("-inf"))  # (U, N+1), column 0 = padding
         exclude = None
         if exclude_history:
@@ -242,7 +205,7 @@ def load_eval_data(dataset, domain: str, max_seq_len: int, device: torch.device)
 
 
 def full_report(
-    model: nn.Module,
+    model: SequenceRecommender,
     data: EvalData,
     *,
     temperature: float,
@@ -271,68 +234,3 @@ def full_report(
             k=ks[0],
         ),
     }
-
-
-def evaluate_registered(
-    model_uri: str,
-    data_dir: str,
-    domain: str,
-    out_dir: str,
-    *,
-    ks: list[int],
-    exclude_history: bool = False,
-    batch_size: int = 1024,
-    groups: int = 5,
-) -> dict:
-    """Re-score a registered adaptor on a dataset's domain (default: the one it was trained
-    on) and write ``<out_dir>/metrics.json``; returns the metrics.
-
-    Text-only (inductive) adaptors score any domain encoded with their encoder; models with
-    item IDs (transductive, SASRec) only the items they were trained on.
-    """
-    from adaptors.registry import load_adaptor
-    from sharding.dataset import Dataset
-    from sharding.errors import DataError
-
-    recommender = load_adaptor(model_uri)
-    model, spec = recommender.model, recommender.spec
-    dataset = Dataset(data_dir)
-    domain = domain or spec.domain
-    manifest = Path(data_dir) / "manifest.json"
-    if (dataset.encoder_name, dataset.encoder_dim) != (spec.encoder["name"], spec.text_dim):
-        raise DataError(
-            f"encoded with {dataset.encoder_name!r} ({dataset.encoder_dim}-d), the adaptor with "
-            f"{spec.encoder['name']!r} ({spec.text_dim}-d)",
-            file=manifest,
-            field="encoder",
-        )
-    uses_ids = spec.baseline == "sasrec" or spec.mode == "transductive"
-    if uses_ids and (domain != spec.domain or dataset.domain(domain).num_items != spec.num_items):
-        raise DataError(
-            f"a {spec.mode} {spec.baseline} adaptor scores only the {spec.num_items} items of "
-            f"{spec.domain!r} it was trained on",
-            file=manifest,
-            field=f"domains.{domain}",
-        )
-    data = load_eval_data(dataset, domain, model.encoder.max_seq_len, torch.device("cpu"))
-    report = full_report(
-        model,
-        data,
-        temperature=spec.temperature,
-        ks=ks,
-        exclude_history=exclude_history,
-        batch_size=batch_size,
-        groups=groups,
-    )
-    metrics = {
-        "model": model_uri,
-        "domain": domain,
-        "mode": spec.mode,
-        "baseline": spec.baseline,
-        "backbone": spec.backbone_uri or "none",
-        **report,
-    }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    return metrics

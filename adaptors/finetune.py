@@ -32,21 +32,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptors.bundle import AdaptorSpec, backbone_lineage, build_model, trained_state, write_bundle
+from adaptors.catalogue import write_domain_catalogue
 from adaptors.config import FinetuneConfig
-from adaptors.evaluate import (
-    EvalData,
-    catalogue_vectors,
-    encode_histories,
-    full_report,
-    load_eval_data,
-    metrics_from_ranks,
-    rank_split,
-    similarity_logits,
-)
-from adaptors.registry import AdaptorSpec, backbone_lineage, build_model, pull_backbone
+from adaptors.evaluate import EvalData, full_report, load_eval_data, metrics_from_ranks, rank_split
+from adaptors.publish import claim_model_name, register_adaptor
+from pretrain.model import SequenceRecommender
+from pretrain.registry import pull_backbone
 from sharding.dataset import Dataset
-from sharding.pretrain_shards import training_windows
-from unisrec.config import ConfigError, to_dict
+from sharding.windows import training_windows
+from unisrec import tags
+from unisrec.config import to_dict
+from unisrec.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +66,7 @@ def window_tensor(sequences: list[np.ndarray], max_seq_len: int) -> torch.Tensor
 
 
 def next_item_loss(
-    model: nn.Module,
+    model: SequenceRecommender,
     inputs: torch.Tensor,
     targets: torch.Tensor,
     text_table: torch.Tensor,
@@ -83,10 +80,10 @@ def next_item_loss(
     The adaptor runs once per step over all N items (with gradients); inputs and candidates
     both read those vectors, so an item has one dropout/gate-noise sample per step.
     """
-    items = catalogue_vectors(model, text_table)  # (N, H)
-    outputs = encode_histories(model, items, inputs)  # (B, T, H)
+    items = model.catalogue_vectors(text_table)  # (N+1, H), row 0 = padding
+    outputs = model.encode(inputs, items)  # (B, T, H)
     has_target = targets > 0
-    logits = similarity_logits(model, outputs[has_target], items, temperature)  # (P, N)
+    logits = model.score(outputs[has_target], items[1:], temperature)  # (P, N)
     return F.cross_entropy(logits, targets[has_target] - 1)
 
 
@@ -110,7 +107,7 @@ def epoch_batches(
 
 
 def train_epoch(
-    model: nn.Module,
+    model: SequenceRecommender,
     windows: torch.Tensor,
     text_table: torch.Tensor,
     optimizer: torch.optim.Optimizer,
@@ -142,7 +139,9 @@ def train_epoch(
     return float(np.mean(losses))
 
 
-def valid_metrics(model: nn.Module, data: EvalData, cfg: FinetuneConfig) -> dict[str, float]:
+def valid_metrics(
+    model: SequenceRecommender, data: EvalData, cfg: FinetuneConfig
+) -> dict[str, float]:
     """Full-ranking metrics of the valid split (for early stopping)."""
     ranks = rank_split(
         model,
@@ -165,7 +164,7 @@ def load_windows(dataset: Dataset, domain: str, max_seq_len: int) -> torch.Tenso
 
 def prepare_model(
     cfg: FinetuneConfig, dataset: Dataset, backbone_uri: str
-) -> tuple[nn.Module, AdaptorSpec, list[nn.Parameter]]:
+) -> tuple[SequenceRecommender, AdaptorSpec, list[nn.Parameter]]:
     """Build the model ``cfg`` asks for; returns it, its spec and the parameters to train.
 
     Frozen parameters get ``requires_grad=False`` and stay out of the optimizer, so they
@@ -174,10 +173,10 @@ def prepare_model(
     info = dataset.domain(cfg.data.domain)
     backbone, lineage, shape = None, {}, cfg.model
     if backbone_uri != "none":
-        backbone, tags = pull_backbone(backbone_uri, dataset.encoder_name, dataset.encoder_dim)
+        backbone, found = pull_backbone(backbone_uri, dataset.encoder_name, dataset.encoder_dim)
         shape = backbone.cfg
         if cfg.baseline == "unisrec":
-            lineage = backbone_lineage(tags)
+            lineage = backbone_lineage(found)
         else:
             backbone = None  # SASRec borrows the backbone's shape only
     spec = AdaptorSpec(
@@ -199,7 +198,7 @@ def prepare_model(
     if spec.trains_everything:
         return model, spec, list(model.parameters())
     model.requires_grad_(False)
-    trainable = list(model.adaptor_parameters())
+    trainable = list(model.tuned_parameters())
     for param in trainable:
         param.requires_grad_(True)
     return model, spec, trainable
@@ -243,7 +242,6 @@ def run_finetune(cfg: FinetuneConfig, restart: bool = False, progress: bool = Tr
     things went (``output_dir``, ``run_id``, ``model_name``, ``model_version``)."""
     import mlflow
 
-    from adaptors.registry import claim_model_name, register_adaptor, trained_state, write_bundle
     from unisrec.tracking import config_params, configure_mlflow, git_commit
 
     # 1. Names, paths and the MLflow run.
@@ -262,8 +260,8 @@ def run_finetune(cfg: FinetuneConfig, restart: bool = False, progress: bool = Tr
         backbone_uri = AdaptorSpec(**resume["spec"]).backbone_uri
     model, spec, trainable = prepare_model(cfg, dataset, backbone_uri)
     model.to(device)
-    data = load_eval_data(dataset, cfg.data.domain, model.encoder.max_seq_len, device)
-    windows = load_windows(dataset, cfg.data.domain, model.encoder.max_seq_len)
+    data = load_eval_data(dataset, cfg.data.domain, model.max_seq_len, device)
+    windows = load_windows(dataset, cfg.data.domain, model.max_seq_len)
     optimizer = torch.optim.Adam(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     loop = _LoopState(best_state=_clone_state(model))
     if resume:
@@ -290,9 +288,8 @@ def run_finetune(cfg: FinetuneConfig, restart: bool = False, progress: bool = Tr
             mlflow.set_tags(
                 {
                     "git_commit": git_commit(),
-                    "unisrec.kind": "finetune",
-                    "unisrec.tenant": cfg.tenant,
                     **spec.lineage_tags(),
+                    tags.KIND: "finetune",
                 }
             )
 
@@ -337,7 +334,7 @@ def run_finetune(cfg: FinetuneConfig, restart: bool = False, progress: bool = Tr
 
     # 6. Bundle, catalogue, registry (its own start_run on the same run).
     bundle = write_bundle(out / "adaptor", spec, trained_state(model, spec))
-    catalogue_dir = _write_catalogue(out / "catalogue", dataset, cfg.data.domain)
+    catalogue_dir = write_domain_catalogue(out / "catalogue", dataset, cfg.data.domain)
     version = register_adaptor(
         run_id=run.info.run_id,
         name=cfg.model_name,
@@ -375,7 +372,7 @@ class _LoopState:
 
 
 def fit(
-    model: nn.Module,
+    model: SequenceRecommender,
     optimizer: torch.optim.Optimizer,
     windows: torch.Tensor,
     data: EvalData,
@@ -460,31 +457,6 @@ def _read_last(out: Path, identity: dict) -> dict | None:
             "pass --restart to start over or choose another output_dir"
         )
     return state
-
-
-def _write_catalogue(directory: Path, dataset: Dataset, domain: str) -> Path:
-    """The domain's items as the tenant's catalogue; items added to an earlier catalogue of
-    the same domain are kept."""
-    from adaptors.serving import Catalogue
-
-    items = dataset.items(domain).sort_values("index")
-    keys = list(items["key"])
-    fresh = Catalogue(
-        keys,
-        list(items["text"]),
-        np.array(dataset.embeddings(domain)),
-        len(keys),
-        dict(dataset.manifest["encoder"]),
-    )
-    if (directory / "catalogue.json").is_file():
-        previous = Catalogue.load(directory)
-        if previous.keys[: len(keys)] == keys and len(previous) > len(keys):
-            extra = slice(len(keys), None)
-            fresh = fresh.with_items(
-                previous.keys[extra], previous.texts[extra], previous.vectors[len(keys) + 1 :]
-            )
-    fresh.save(directory)
-    return directory
 
 
 def _device(name: str) -> torch.device:

@@ -16,10 +16,10 @@ run, registered model (``unisrec-adaptor-<tenant>``) and output directory
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-from adaptors.config import FinetuneConfig, TenantSpec, validate_tenant_name
-from unisrec.config import ConfigError, from_dict, to_dict
+from adaptors.config import FinetuneConfig, TenantSpec
+from unisrec.config import apply_overrides, from_dict, to_dict
+from unisrec.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def tenant_configs(cfg: FinetuneConfig, names: list[str] | None = None) -> list[
     if not chosen:
         raise ConfigError("tenants: no tenants given (config tenants: list or --tenants a,b)")
     for spec in chosen:
-        validate_tenant_name(spec.name)
+        spec.validate()
     if cfg.mlflow.registered_model and len(chosen) > 1:
         raise ConfigError(
             "mlflow.registered_model: must be empty with several tenants (one model each)"
@@ -46,7 +46,7 @@ def tenant_configs(cfg: FinetuneConfig, names: list[str] | None = None) -> list[
     base.update(tenants=[], output_dir="")
     configs = []
     for spec in chosen:
-        raw = _with_overrides({**base, "tenant": spec.name}, spec.overrides)
+        raw = apply_overrides({**base, "tenant": spec.name}, spec.overrides)
         configs.append(resolve_paths(from_dict(FinetuneConfig, raw)))
     return configs
 
@@ -75,7 +75,7 @@ def run_tenants(
     import mlflow
     import ray
 
-    from cluster.local_ray import ensure_ray
+    from unisrec.runtime import ensure_ray
     from unisrec.tracking import configure_mlflow
 
     configs = tenant_configs(cfg, names)
@@ -99,19 +99,3 @@ def run_tenants(
             results[tenant] = {"error": f"{type(err).__name__}: {err}"}
             log.error("%s: failed: %s", tenant, err)
     return {c.tenant: results[c.tenant] for c in configs}
-
-
-def _with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``raw`` with dotted ``overrides`` applied (``{"data.domain": "x"}``), nested dicts copied."""
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = out
-        for part in parents:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                raise ConfigError(f"tenants: override '{dotted}': '{part}' is not a section")
-            node[part] = child = dict(child)
-            node = child
-        node[leaf] = value
-    return out

@@ -73,7 +73,7 @@ def main() -> None:
     model, spec, trainable = prepare_model(cfg, dataset, cfg.backbone)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    max_len = model.encoder.max_seq_len
+    max_len = model.max_seq_len
     data = load_eval_data(dataset, cfg.data.domain, max_len, device)
     windows = load_windows(dataset, cfg.data.domain, max_len)
     optimizer = torch.optim.Adam(trainable, lr=cfg.optim.lr)

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from cluster.local_ray import use_loopback
+from unisrec.runtime import use_loopback
 
 use_loopback()
 
-from pretrain.config import PretrainConfig  # noqa: E402
+from pretrain.config import LossConfig, PretrainConfig  # noqa: E402
 from pretrain.gather import Gather  # noqa: E402
 from pretrain.losses import pretrain_loss  # noqa: E402
 from pretrain.model import UniSRec  # noqa: E402
@@ -51,7 +51,9 @@ def formulation_throughput(
         if step == warmup + steps:
             break
         start = time.perf_counter()
-        out = loss_fn(model, batch, table, worddrop, step=step, seed=0, gather=Gather.single())
+        out = loss_fn(
+            model, batch, table, worddrop, LossConfig(), step=step, seed=0, gather=Gather.single()
+        )
         optimizer.zero_grad()
         out["loss"].backward()
         optimizer.step()

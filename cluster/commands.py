@@ -7,15 +7,14 @@ import Ray and MLflow only when they run.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import signal
 import sys
 
-from cluster.deepspeed_presets import PRESETS, preset, preset_overrides
 from cluster.jobs import DEFAULT_ADDRESS, SUBMITTABLE_JOBS
-from unisrec.config import ConfigError
+from pretrain.deepspeed_presets import PRESETS, preset, preset_overrides
+from unisrec.errors import ConfigError
 
 
 def register_commands(sub: argparse._SubParsersAction) -> None:
@@ -188,12 +187,11 @@ def cmd_deepspeed_preset(args: argparse.Namespace) -> int:
 def _check_config(job: str, config: str, job_args: list[str]) -> None:
     """Load CONFIG with the job's ``key=value`` overrides here, before anything is uploaded:
     a typo fails in a second rather than after the cluster has started the job."""
-    from unisrec.cli import JOB_CONFIGS  # imported on use: cli.py imports this module
     from unisrec.config import load_config
+    from unisrec.jobs import config_class
 
-    module, _, name = JOB_CONFIGS[job].partition(":")
     overrides = [a for a in job_args if "=" in a and not a.startswith("-")]
-    load_config(getattr(importlib.import_module(module), name), config, overrides)
+    load_config(config_class(job), config, overrides)
 
 
 def _parse_env(pairs: list[str]) -> dict[str, str]:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from unisrec.config import ConfigError
+from unisrec.errors import ConfigError
 
 SUBMITTABLE_JOBS = ("shard", "pretrain", "finetune")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # what `ray job submit` uses without --address

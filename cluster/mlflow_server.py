@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from unisrec.runtime import free_port
 
 DEFAULT_PORT = 5000
 # MLflow 3's job runner serves GenAI features this platform does not use; it adds a huey
@@ -43,13 +44,6 @@ class TrackingServer:
     url: str  # e.g. http://127.0.0.1:5000; the value for MLFLOW_TRACKING_URI
     process: subprocess.Popen
     log_path: Path  # the server's stdout and stderr
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on now (another process may still take it first)."""
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 def server_command(

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pretrain.model import BackboneConfig
-from unisrec.config import ConfigError
+from unisrec import tags
+from unisrec.errors import ConfigError
 
 
 @dataclass
@@ -61,7 +62,7 @@ class DistributedConfig:
 class MlflowConfig:
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
     experiment: str = "unisrec-pretrain"
-    registered_model: str = "unisrec-backbone"
+    registered_model: str = tags.BACKBONE_MODEL
     alias: str = "current"  # MLflow reserves "latest" (models:/NAME/latest = newest version)
 
 

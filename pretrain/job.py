@@ -20,6 +20,7 @@ import pandas as pd
 
 from pretrain.config import PretrainConfig
 from sharding.dataset import Dataset
+from unisrec import tags
 from unisrec.config import to_dict
 from unisrec.tracking import config_hash, config_params, configure_mlflow, git_commit
 
@@ -33,8 +34,8 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from cluster.local_ray import ensure_ray
     from pretrain.worker import train_loop_per_worker
+    from unisrec.runtime import ensure_ray
 
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -66,8 +67,8 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
             mlflow.set_tags(
                 {
                     "git_commit": git_commit(),
-                    "unisrec.kind": "pretrain",
-                    "unisrec.data_digest": dataset.digest,
+                    tags.KIND: "pretrain",
+                    tags.DATA_DIGEST: dataset.digest,
                 }
             )
             mlflow.log_input(_manifest_as_dataset(dataset), context="pretraining")

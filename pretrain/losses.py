@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.augment import augment
+from pretrain.config import LossConfig
 from pretrain.gather import Gather
-from pretrain.model import UniSRec
+from pretrain.model import SequenceRecommender
 
 
 def seq_item_loss(
@@ -129,53 +130,57 @@ def global_mean_loss(
 
 
 def pretrain_loss(
-    model: UniSRec,
+    model: SequenceRecommender,
     batch: dict[str, torch.Tensor],
     text_table: torch.Tensor,
     worddrop_table: torch.Tensor,
+    loss: LossConfig,
     *,
-    lam: float = 1e-3,
-    temperature: float = 0.07,
     step: int,
     seed: int,
     gather: Gather,
-    item_drop_prob: float = 0.9,
-    keep_prob: float = 0.8,
-    word_drop_pos_prob: float = 0.2,
 ) -> dict[str, torch.Tensor | float | int]:
     """UniSRec pretraining loss on this rank's part of a global batch.
 
-    batch: ``items`` ``(B, T)`` long global item indexes right-padded with 0 (T may be
-    ``max_seq_len + 1``: the last column is only ever a target), ``lengths`` ``(B,)`` long
-    (0 for filler rows), ``sample_id`` ``(B,)`` long. text_table, worddrop_table:
-    ``(N+1, D)`` float32 text vectors of each item's text and of its word-dropped text.
-    B must be equal on every rank. See :func:`global_mean_loss` for the returned dict.
+    model: called as a module (a DeepSpeed engine works too: ZeRO-3 gathers its partitioned
+    parameters in the module hooks). batch: ``items`` ``(B, T)`` long global item indexes
+    right-padded with 0 (T may be ``max_seq_len + 1``: the last column is only ever a
+    target), ``lengths`` ``(B,)`` long (0 for filler rows), ``sample_id`` ``(B,)`` long.
+    text_table, worddrop_table: ``(N+1, D)`` float32 text vectors of each item's text and of
+    its word-dropped text. B must be equal on every rank. See :func:`global_mean_loss` for
+    the returned dict.
     """
     items, inputs, targets, query_mask = next_item_targets(batch)
     input_lengths = (batch["lengths"] - 1).clamp(min=0)
 
     # The adaptor runs once per distinct item; its outputs are both inputs and candidates.
-    uniq, inverse = torch.unique(items, return_inverse=True)
-    item_vecs = model.item_vectors(text_table[uniq], uniq)  # (U, H)
-    outputs = model.encoder(item_vecs[inverse[:, :-1]])  # (B, T-1, H)
-    real = uniq != 0
+    encoded = model(items, text_table, last_is_target=True)
+    outputs = encoded.outputs  # (B, T-1, H)
+    real = encoded.item_ids != 0
     si_sum, si_count = seq_item_loss(
-        outputs[query_mask], targets[query_mask], item_vecs[real], uniq[real], temperature, gather
+        outputs[query_mask],
+        targets[query_mask],
+        encoded.item_vectors[real],
+        encoded.item_ids[real],
+        loss.temperature,
+        gather,
     )
 
     aug_items, aug_lengths, use_worddrop = augment(
         inputs, input_lengths, batch["sample_id"], step, seed,
-        item_drop_prob=item_drop_prob, keep_prob=keep_prob, word_drop_pos_prob=word_drop_pos_prob,
+        item_drop_prob=loss.item_drop_batch_prob,
+        keep_prob=loss.item_keep_prob,
+        word_drop_pos_prob=loss.word_drop_position_prob,
     )  # fmt: skip
-    aug_outputs = model.sequence_outputs(aug_items, text_table, worddrop_table, use_worddrop)
+    aug_outputs = model(aug_items, text_table, worddrop_table, use_worddrop).outputs
     ss_sum, ss_count = seq_seq_loss(
-        model.last_outputs(outputs, input_lengths),
-        model.last_outputs(aug_outputs, aug_lengths),
+        SequenceRecommender.last(outputs, input_lengths),
+        SequenceRecommender.last(aug_outputs, aug_lengths),
         input_lengths > 0,
-        temperature,
+        loss.temperature,
         gather,
     )
-    return global_mean_loss(si_sum, si_count, ss_sum, ss_count, lam, gather)
+    return global_mean_loss(si_sum, si_count, ss_sum, ss_count, loss.lam, gather)
 
 
 def _first_occurrence(ids: torch.Tensor) -> torch.Tensor:

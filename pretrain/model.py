@@ -1,29 +1,40 @@
-"""The UniSRec model: MoE adaptor over text vectors, then a causal Transformer over sequences.
+"""The models, in one file: UniSRec (MoE adaptor over text vectors, then a causal
+Transformer) and SASRec, its ID-only baseline. Both offer one interface,
+:class:`SequenceRecommender`, that losses, fine-tuning, evaluation and serving call.
 
 Shapes used throughout:
     B  sequences in a batch          T  positions (right-padded with item index 0)
     D  text vector size (frozen)     H  hidden size (``BackboneConfig.hidden_size``)
-    N  items in the text table       U  unique items in a batch
+    N  items in the text table       U  distinct items in a batch
 
-The model holds no text table: the caller passes one, ``(N+1, D)`` with row 0 for padding,
-indexed globally in pretraining and per domain in fine-tuning.
+A model holds no text table: the caller passes one, ``(N+1, D)`` float32 with row 0 for
+padding, indexed globally in pretraining and per domain in fine-tuning.
+
+The interface (every other module calls only these)::
+
+    item_vectors(text (U, D), ids (U,))            -> (U, H)     adaptor (+ ID embedding)
+    catalogue_vectors(text_table (N+1, D))         -> (N+1, H)   all items once, row 0 = 0
+    encode(seqs (B, T), vectors (V, H))            -> (B, T, H)  output t summarises 0..t
+    score(queries (..., H), vectors (N, H), tau)   -> (..., N)   logits
+    forward(items (B, T), text_table, ...)         -> SequenceBatch: each distinct item
+                                                      through the adaptor once, then encode
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptors.moe import MoEAdaptor
-
 
 @dataclass
 class BackboneConfig:
-    """Sizes and regularisation of the UniSRec backbone (defaults follow the paper)."""
+    """Sizes and regularisation of the model (defaults follow the paper)."""
 
     hidden_size: int = 300  # H: item and sequence vector size
     num_layers: int = 2  # Transformer blocks
@@ -35,8 +46,66 @@ class BackboneConfig:
     max_seq_len: int = 50  # learned positions; longer inputs are rejected
     num_experts: int = 8  # G: adaptor experts
     adaptor_dropout: float = 0.2  # dropout on the text vector inside each expert
-    temperature: float = 0.07  # tau of both contrastive losses
     initializer_range: float = 0.02  # std of the normal init of Linear/Embedding weights
+
+
+# --- the MoE adaptor: frozen text vectors -> item vectors ---------------------------------
+
+
+class PWLayer(nn.Module):
+    """One expert: ``(dropout(x) - b) @ W``, a learned whitening of the text vector."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.bias = nn.Parameter(torch.zeros(in_dim))
+        self.lin = nn.Linear(in_dim, out_dim, bias=False)
+        nn.init.normal_(self.lin.weight, mean=0.0, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``(..., in_dim)`` float32 -> ``(..., out_dim)`` float32."""
+        return self.lin(self.dropout(x) - self.bias)
+
+
+class MoEAdaptor(nn.Module):
+    """``sum_g gate_g(x) * expert_g(x)`` over ``num_experts`` :class:`PWLayer` experts.
+
+    UniSRec never trains the text encoder; this module maps each item's text vector into the
+    recommender's space, and is the only part tuned when adapting to a new domain. Gates are
+    ``softmax(x W_gate + noise)``; the noise, ``randn * (softplus(x W_noise) + 0.01)``, is
+    added only while training (and only if ``noise``), so evaluation is deterministic. Both
+    gate matrices start at zero: every expert begins with the same weight 1/G.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_experts: int = 8,
+        dropout: float = 0.2,
+        noise: bool = True,
+    ):
+        super().__init__()
+        self.noise = noise
+        self.experts = nn.ModuleList(PWLayer(in_dim, out_dim, dropout) for _ in range(num_experts))
+        self.w_gate = nn.Parameter(torch.zeros(in_dim, num_experts))
+        self.w_noise = nn.Parameter(torch.zeros(in_dim, num_experts))
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``(..., in_dim)`` -> expert weights ``(..., G)`` float32, summing to 1."""
+        logits = x @ self.w_gate
+        if self.training and self.noise:
+            std = F.softplus(x @ self.w_noise) + 1e-2
+            logits = logits + torch.randn_like(logits) * std
+        return torch.softmax(logits, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``(..., in_dim)`` float32 text vectors -> ``(..., out_dim)`` float32."""
+        outputs = torch.stack([expert(x) for expert in self.experts], dim=-2)  # (..., G, out)
+        return (self.gates(x).unsqueeze(-1) * outputs).sum(dim=-2)
+
+
+# --- the sequence encoder: a causal, post-LN Transformer (SASRec's, as in RecBole) ---------
 
 
 class CausalSelfAttention(nn.Module):
@@ -115,14 +184,121 @@ class SequenceEncoder(nn.Module):
                 f"sequence length {t} exceeds max_seq_len {self.max_seq_len}; "
                 "truncate to the most recent items first"
             )
-        x = self.dropout(self.norm(item_vecs + self.position.weight[:t]))
+        # Called as a module (not .weight[:t]) so DeepSpeed ZeRO-3 gathers the partitioned table.
+        positions = self.position(torch.arange(t, device=item_vecs.device))
+        x = self.dropout(self.norm(item_vecs + positions))
         for block in self.blocks:
             x = block(x)
         return x
 
 
-class UniSRec(nn.Module):
-    """Text vectors -> :class:`MoEAdaptor` (+ item ID embedding) -> :class:`SequenceEncoder`.
+# --- the interface ----------------------------------------------------------------------
+
+
+class SequenceBatch(NamedTuple):
+    """What :meth:`SequenceRecommender.forward` returns.
+
+    outputs: ``(B, T, H)``, output t summarises items ``0..t``; item_ids: ``(U,)`` long, the
+    batch's distinct item indexes, sorted (0 first when the batch has padding); item_vectors:
+    ``(U, H)``, their vectors (the candidates of a contrastive loss).
+    """
+
+    outputs: torch.Tensor
+    item_ids: torch.Tensor
+    item_vectors: torch.Tensor
+
+
+class SequenceRecommender(nn.Module, ABC):
+    """A next-item model: item vectors, a causal sequence encoder, and a scoring rule."""
+
+    cfg: BackboneConfig
+    encoder: SequenceEncoder
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cfg.max_seq_len
+
+    @abstractmethod
+    def item_vectors(self, text_vecs: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+        """text_vecs: ``(..., D)`` float32, ids: ``(...)`` long -> ``(..., H)`` float32."""
+
+    @abstractmethod
+    def score(
+        self, queries: torch.Tensor, vectors: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
+        """queries: ``(..., H)``, vectors: ``(N, H)`` -> logits ``(..., N)`` float32."""
+
+    @abstractmethod
+    def tuned_parameters(self) -> Iterator[nn.Parameter]:
+        """What fine-tuning trains when it does not train everything."""
+
+    def catalogue_vectors(
+        self, text_table: torch.Tensor, ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Every item through the adaptor once: text_table ``(N+1, D)`` (row 0 padding),
+        ids ``(N,)`` long (default ``1..N``) -> ``(N+1, H)`` with row 0 all zeros.
+
+        Row i is item i's vector, so :meth:`encode` reads histories of item indexes from it
+        directly and ``[1:]`` are the candidates of :meth:`score`.
+        """
+        if ids is None:
+            ids = torch.arange(1, text_table.shape[0], device=text_table.device)
+        return F.pad(self.item_vectors(text_table[1:], ids), (0, 0, 1, 0))
+
+    def encode(self, seqs: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """seqs: ``(B, T)`` long row indexes into vectors ``(V, H)`` -> ``(B, T, H)``.
+
+        Output t summarises ``seqs[:, :t+1]``; outputs past a row's length are meaningless.
+        """
+        return self.encoder(vectors[seqs])
+
+    def forward(
+        self,
+        items: torch.Tensor,
+        text_table: torch.Tensor | None,
+        worddrop_table: torch.Tensor | None = None,
+        use_worddrop: torch.Tensor | None = None,
+        *,
+        last_is_target: bool = False,
+    ) -> SequenceBatch:
+        """Encode a batch of item sequences, each distinct item through the adaptor once.
+
+        items: ``(B, T)`` long indexes into ``text_table`` ``(N+1, D)``, right-padded with 0.
+        worddrop_table: ``(N+1, D)`` text vectors of word-dropped texts, read where
+        ``use_worddrop`` ``(B, T)`` bool is set (the augmented view in pretraining); such
+        positions count as distinct items of their own. With ``last_is_target`` the last
+        column's items are vectors (candidates) but not encoded: outputs are ``(B, T-1, H)``,
+        so T may be ``max_seq_len + 1``.
+        """
+        keys = items
+        n_rows = text_table.shape[0] if text_table is not None else 0
+        if use_worddrop is not None:
+            if worddrop_table is None or text_table is None:
+                raise ValueError("use_worddrop needs a text_table and a worddrop_table")
+            keys = items + use_worddrop.long() * n_rows  # word-dropped variants get own keys
+        uniq, inverse = torch.unique(keys, return_inverse=True)
+        ids = uniq % n_rows if use_worddrop is not None else uniq
+        text = text_table[ids] if text_table is not None else None
+        if use_worddrop is not None:
+            text = torch.where((uniq >= n_rows).unsqueeze(-1), worddrop_table[ids], text)
+        vectors = self.item_vectors(text, ids)
+        if last_is_target:
+            inverse = inverse[:, :-1]
+        return SequenceBatch(self.encode(inverse, vectors), ids, vectors)
+
+    @staticmethod
+    def last(outputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """outputs: ``(B, T, H)``, lengths: ``(B,)`` long -> ``(B, H)``: output at lengths-1.
+
+        Rows with length 0 return position 0 (a meaningless but finite vector).
+        """
+        last = (lengths - 1).clamp(min=0)
+        return outputs[torch.arange(outputs.shape[0], device=outputs.device), last]
+
+
+class UniSRec(SequenceRecommender):
+    """Text vectors -> :class:`MoEAdaptor` (+ item ID embedding) -> :class:`SequenceEncoder`;
+    scores are cosine similarities over a temperature.
 
     ``num_items == 0`` is the inductive, ID-agnostic model. ``num_items > 0`` adds a learned
     ID embedding (row 0 = padding) to every item vector, inputs and candidates alike: the
@@ -139,74 +315,64 @@ class UniSRec(nn.Module):
         self.encoder = SequenceEncoder(cfg)
         self.item_ids: nn.Embedding | None = None
         if num_items > 0:
-            self.item_ids = nn.Embedding(num_items + 1, cfg.hidden_size, padding_idx=0)
-            nn.init.normal_(self.item_ids.weight, std=cfg.initializer_range)
-            with torch.no_grad():
-                self.item_ids.weight[0].zero_()
+            self.item_ids = _id_embedding(num_items, cfg)
 
-    def item_vectors(
-        self, text_vecs: torch.Tensor, ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """text_vecs: ``(U, D)`` float32, ids: ``(U,)`` long item indexes -> ``(U, H)`` float32.
-
-        ``ids`` is only read in transductive mode, where it is required. Any leading shape
-        works (``(..., D)`` with ``(...)`` ids).
-        """
+    def item_vectors(self, text_vecs: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+        """``ids`` are read only in transductive mode; id 0 adds the zero padding row."""
+        if text_vecs is None:
+            raise ValueError("UniSRec represents items by text: text_vecs are required")
         vecs = self.adaptor(text_vecs)
         if self.item_ids is not None:
-            if ids is None:
-                raise ValueError("a transductive model (num_items > 0) needs item ids")
             vecs = vecs + self.item_ids(ids)
         return vecs
 
-    def sequence_outputs(
-        self,
-        items: torch.Tensor,
-        text_table: torch.Tensor,
-        worddrop_table: torch.Tensor | None = None,
-        use_worddrop: torch.Tensor | None = None,
+    def score(
+        self, queries: torch.Tensor, vectors: torch.Tensor, temperature: float
     ) -> torch.Tensor:
-        """Encode item sequences; output t summarises items ``0..t``.
+        return F.normalize(queries, dim=-1) @ F.normalize(vectors, dim=-1).T / temperature
 
-        items: ``(B, T)`` long indexes into ``text_table`` ``(N+1, D)``, right-padded with 0.
-        worddrop_table: ``(N+1, D)`` text vectors of word-dropped texts, read where
-        ``use_worddrop`` ``(B, T)`` bool is set (the augmented view in pretraining).
-        Returns ``(B, T, H)`` float32.
-
-        The adaptor runs once per distinct (item, text variant) in the batch, not per position:
-        a batch of 50-item sequences usually repeats items many times.
-        """
-        keys = items
-        n_rows = text_table.shape[0]
-        if use_worddrop is not None:
-            if worddrop_table is None:
-                raise ValueError("use_worddrop needs a worddrop_table")
-            keys = items + use_worddrop.long() * n_rows  # word-dropped variants get own keys
-        uniq, inverse = torch.unique(keys, return_inverse=True)
-        ids = uniq % n_rows
-        text = text_table[ids]
-        if use_worddrop is not None:
-            text = torch.where((uniq >= n_rows).unsqueeze(-1), worddrop_table[ids], text)
-        return self.encoder(self.item_vectors(text, ids)[inverse])
-
-    @staticmethod
-    def last_outputs(outputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """outputs: ``(B, T, H)``, lengths: ``(B,)`` long -> ``(B, H)``: output at lengths-1.
-
-        Rows with length 0 return position 0 (a meaningless but finite vector).
-        """
-        last = (lengths - 1).clamp(min=0)
-        return outputs[torch.arange(outputs.shape[0], device=outputs.device), last]
-
-    def backbone_parameters(self) -> Iterator[nn.Parameter]:
-        """The sequence encoder (positions, LayerNorm, blocks): frozen in fine-tuning."""
-        return self.encoder.parameters()
-
-    def adaptor_parameters(self) -> Iterator[nn.Parameter]:
-        """The MoE adaptor and, if transductive, the item ID embedding: tuned in fine-tuning."""
+    def tuned_parameters(self) -> Iterator[nn.Parameter]:
+        """The MoE adaptor and, if transductive, the item ID embedding."""
         yield from self.adaptor.parameters()
         if self.item_ids is not None:
             yield from self.item_ids.parameters()
+
+
+class SASRec(SequenceRecommender):
+    """SASRec (Kang & McAuley, 2018), the ID-only baseline of the paper's tables: the same
+    :class:`SequenceEncoder` fed by a learned item ID embedding ``(N+1, H)``; candidates are
+    scored by dot product with that embedding (RecBole's SASRec with cross-entropy). Text
+    arguments are accepted and ignored; it cannot score items it was not trained on.
+    """
+
+    def __init__(self, cfg: BackboneConfig, num_items: int):
+        super().__init__()
+        if num_items < 1:
+            raise ValueError(f"SASRec needs at least one item, got num_items={num_items}")
+        self.cfg = cfg
+        self.num_items = num_items
+        self.item_ids = _id_embedding(num_items, cfg)
+        self.encoder = SequenceEncoder(cfg)
+
+    def item_vectors(self, text_vecs: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+        return self.item_ids(ids)
+
+    def score(
+        self, queries: torch.Tensor, vectors: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
+        return queries @ vectors.T
+
+    def tuned_parameters(self) -> Iterator[nn.Parameter]:
+        return self.parameters()
+
+
+def _id_embedding(num_items: int, cfg: BackboneConfig) -> nn.Embedding:
+    """``(num_items + 1, H)`` item ID embedding, row 0 the zero padding row."""
+    table = nn.Embedding(num_items + 1, cfg.hidden_size, padding_idx=0)
+    nn.init.normal_(table.weight, std=cfg.initializer_range)
+    with torch.no_grad():
+        table.weight[0].zero_()
+    return table
 
 
 def _init_weights(module: nn.Module, std: float) -> None:

@@ -13,25 +13,22 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.augment import augment
+from pretrain.config import LossConfig
 from pretrain.gather import Gather
 from pretrain.losses import global_mean_loss, next_item_targets, seq_item_loss, seq_seq_loss
-from pretrain.model import UniSRec
+from pretrain.model import SequenceRecommender
 
 
 def naive_pretrain_loss(
-    model: UniSRec,
+    model: SequenceRecommender,
     batch: dict[str, torch.Tensor],
     text_table: torch.Tensor,
     worddrop_table: torch.Tensor,
+    loss: LossConfig,
     *,
-    lam: float = 1e-3,
-    temperature: float = 0.07,
     step: int,
     seed: int,
     gather: Gather,
-    item_drop_prob: float = 0.9,
-    keep_prob: float = 0.8,
-    word_drop_pos_prob: float = 0.2,
 ) -> dict[str, torch.Tensor | float | int]:
     """Same arguments and result as :func:`pretrain.losses.pretrain_loss`."""
     max_len = model.cfg.max_seq_len
@@ -46,14 +43,14 @@ def naive_pretrain_loss(
     in_prefix = torch.arange(max_len, device=items.device) <= ends.unsqueeze(1)
     prefixes = padded_inputs[rows].masked_fill(~in_prefix, 0)
     outputs = _encode_every_position(model, prefixes, text_table[prefixes])
-    queries = model.last_outputs(outputs, ends + 1)  # (Q, H)
+    queries = SequenceRecommender.last(outputs, ends + 1)  # (Q, H)
 
     # The candidates are the batch's distinct items, as in the efficient formulation.
     key_ids = torch.unique(items)
     key_ids = key_ids[key_ids != 0]
     keys = model.item_vectors(text_table[key_ids], key_ids)
     si_sum, si_count = seq_item_loss(
-        queries, targets[query_mask], keys, key_ids, temperature, gather
+        queries, targets[query_mask], keys, key_ids, loss.temperature, gather
     )
 
     # A sequence's own vector is its longest prefix, the last query of its row.
@@ -63,18 +60,22 @@ def naive_pretrain_loss(
 
     aug_items, aug_lengths, use_worddrop = augment(
         inputs, input_lengths, batch["sample_id"], step, seed,
-        item_drop_prob=item_drop_prob, keep_prob=keep_prob, word_drop_pos_prob=word_drop_pos_prob,
+        item_drop_prob=loss.item_drop_batch_prob,
+        keep_prob=loss.item_keep_prob,
+        word_drop_pos_prob=loss.word_drop_position_prob,
     )  # fmt: skip
     aug_text = torch.where(
         use_worddrop.unsqueeze(-1), worddrop_table[aug_items], text_table[aug_items]
     )
     aug_outputs = _encode_every_position(model, aug_items, aug_text)
     ss_sum, ss_count = seq_seq_loss(
-        seq, model.last_outputs(aug_outputs, aug_lengths), valid, temperature, gather
+        seq, SequenceRecommender.last(aug_outputs, aug_lengths), valid, loss.temperature, gather
     )
-    return global_mean_loss(si_sum, si_count, ss_sum, ss_count, lam, gather)
+    return global_mean_loss(si_sum, si_count, ss_sum, ss_count, loss.lam, gather)
 
 
-def _encode_every_position(model: UniSRec, items: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+def _encode_every_position(
+    model: SequenceRecommender, items: torch.Tensor, text: torch.Tensor
+) -> torch.Tensor:
     """items: ``(S, L)`` long, text: ``(S, L, D)`` -> ``(S, L, H)``, adaptor on every cell."""
     return model.encoder(model.item_vectors(text, items))

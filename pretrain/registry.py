@@ -14,14 +14,8 @@ from dataclasses import asdict
 import torch
 
 from pretrain.model import UniSRec
-
-# Tag names: what a fine-tune job checks before it trusts a backbone (docs/data-format.md).
-TAG_DATA_DIGEST = "unisrec.data_digest"
-TAG_ENCODER = "unisrec.encoder"
-TAG_ENCODER_DIM = "unisrec.encoder_dim"
-TAG_CONFIG_HASH = "unisrec.config_hash"
-TAG_RUN_ID = "unisrec.run_id"
-TAG_KIND = "unisrec.kind"
+from unisrec import tags as T
+from unisrec.errors import ConfigError
 
 
 def register_backbone(
@@ -43,12 +37,12 @@ def register_backbone(
     from mlflow.tracking import MlflowClient
 
     tags = {
-        TAG_KIND: "backbone",
-        TAG_DATA_DIGEST: data_digest,
-        TAG_ENCODER: encoder,
-        TAG_ENCODER_DIM: str(encoder_dim),
-        TAG_CONFIG_HASH: config_hash,
-        TAG_RUN_ID: run_id,
+        T.KIND: "backbone",
+        T.DATA_DIGEST: data_digest,
+        T.ENCODER: encoder,
+        T.ENCODER_DIM: str(encoder_dim),
+        T.CONFIG_HASH: config_hash,
+        T.RUN_ID: run_id,
     }
     model = model.cpu().eval()
     with mlflow.start_run(run_id=run_id):
@@ -67,7 +61,7 @@ def register_backbone(
         )
     version = str(info.registered_model_version)
     client = MlflowClient()
-    client.set_registered_model_tag(name, TAG_KIND, "backbone")
+    client.set_registered_model_tag(name, T.KIND, "backbone")
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, alias, version)
@@ -82,6 +76,29 @@ def load_backbone(uri: str) -> UniSRec:
     if not isinstance(model, UniSRec):
         raise TypeError(f"{uri} is a {type(model).__name__}, not a UniSRec backbone")
     return model
+
+
+def pull_backbone(uri: str, encoder_name: str, encoder_dim: int) -> tuple[UniSRec, dict[str, str]]:
+    """Load a registered backbone after checking it was pretrained on the same text encoder.
+
+    ``uri`` may use an alias; the model is loaded by the version the alias points to now, so
+    the returned tags (``name``, ``version``, lineage) say exactly what was used.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = backbone_tags(uri)
+    except MlflowException as err:
+        raise ConfigError(f"backbone: {uri} is not in the model registry ({err.message})") from err
+    want = (encoder_name, str(encoder_dim))
+    have = (tags.get(T.ENCODER, ""), tags.get(T.ENCODER_DIM, ""))
+    if have != want:
+        raise ConfigError(
+            f"backbone: {uri} was pretrained on text vectors of {have[0]!r} ({have[1]}-d) but the "
+            f"dataset is encoded with {want[0]!r} ({want[1]}-d); re-shard the data with the "
+            "backbone's encoder or pick a matching backbone"
+        )
+    return load_backbone(f"models:/{tags['name']}/{tags['version']}"), tags
 
 
 def backbone_tags(uri: str) -> dict[str, str]:

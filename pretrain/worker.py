@@ -27,7 +27,7 @@ STATE_FILE = "train_state.json"
 
 def deepspeed_config(cfg: PretrainConfig) -> dict:
     """The DeepSpeed config for ``cfg`` (optimizer and scheduler are client objects)."""
-    from cluster.deepspeed_presets import deepspeed_config as preset_config
+    from pretrain.deepspeed_presets import deepspeed_config as preset_config
 
     return preset_config(
         cfg.distributed.zero_stage,
@@ -120,18 +120,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 _die_once(cfg, rank)
             batch = {k: v.to(device) for k, v in batch.items()}
             out = pretrain_loss(
-                engine.module,
+                engine,
                 batch,
                 text_table,
                 worddrop_table,
-                lam=cfg.loss.lam,
-                temperature=cfg.loss.temperature,
+                cfg.loss,
                 step=state["step"],
                 seed=cfg.seed,
                 gather=gather,
-                item_drop_prob=cfg.loss.item_drop_batch_prob,
-                keep_prob=cfg.loss.item_keep_prob,
-                word_drop_pos_prob=cfg.loss.word_drop_position_prob,
             )
             engine.backward(out["loss"])
             engine.step()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from unisrec.config import ConfigError
+from unisrec.errors import ConfigError
 
 FORMATS = ("unisrec-atomic", "recbole-atomic", "csv", "amazon-2018", "online-retail")
 

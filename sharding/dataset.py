@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sharding.errors import DataError
+from unisrec.errors import DataError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sharding.adapters import read_domain
 from sharding.config import ShardJobConfig
 from sharding.dataset_writer import EncodedDomain, write_dataset
-from sharding.text_encoder import encode_texts, word_drop
+from sharding.encoding import encode_texts
+from sharding.readers import read_domain
+from sharding.text_encoder import word_drop
 
 log = logging.getLogger(__name__)
 

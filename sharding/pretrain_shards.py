@@ -17,7 +17,7 @@ by at most one.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ import numpy as np
 import webdataset as wds
 
 from sharding.atomic import atomic_path, sha256_file
+from sharding.windows import training_windows
 
 SHARD_PATTERN = "pretrain-{index:06d}.tar"
 
@@ -37,18 +38,6 @@ class PretrainSample:
     domain_id: int
     user: int
     sample_id: int
-
-
-def training_windows(sequence: np.ndarray, max_seq_len: int) -> Iterator[np.ndarray]:
-    """Windows of at most ``max_seq_len + 1`` items covering every transition once.
-
-    ``[1..7]`` with ``max_seq_len=3`` -> ``[1,2,3,4]``, ``[4,5,6,7]``.
-    """
-    step = max_seq_len
-    for start in range(0, max(len(sequence) - 1, 0), step):
-        window = sequence[start : start + max_seq_len + 1]
-        if len(window) >= 2:
-            yield window
 
 
 def pretraining_samples(

@@ -13,14 +13,13 @@ stays on loopback.
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from collections.abc import Sequence
 
 import numpy as np
 
 from sharding.config import EncoderConfig
 from sharding.text_encoder import TextEncoder, model_dim
+from unisrec.runtime import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -35,32 +34,6 @@ class EncoderActor:
         """``i`` ``(B,) int64``, ``text`` ``(B,) object`` -> ``i``, ``vector`` ``(B, dim) float32``."""
         vectors = self.encoder.encode(batch["text"].tolist(), progress=False)
         return {"i": batch["i"], "vector": vectors}
-
-
-def _start_ray_if_needed() -> bool:
-    """Make sure Ray is initialised; True when this call started it (and must shut it down)."""
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        import ray
-
-        ray.init()
-        return True
-    # Ray reads this when first imported, hence the late import: without it a local Ray
-    # listens on the machine's network address, not on loopback.
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    import ray
-
-    # "local" starts a new instance instead of joining whatever Ray last ran on this machine.
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
-    address = ray.util.get_node_ip_address()
-    if address != "127.0.0.1":
-        log.warning(
-            "local Ray listens on %s, not loopback: ray was imported before "
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set; export it to keep Ray on 127.0.0.1",
-            address,
-        )
-    return True
 
 
 def _gpus_per_actor(device: str, cluster_gpus: float) -> float:
@@ -81,8 +54,8 @@ def encode_with_ray(texts: Sequence[str], cfg: EncoderConfig, progress: bool = T
         # Ray batches are cut in dataset order, so similar lengths must sit next to each other
         # here; characters stand in for tokens to spare the driver a tokenizer.
         order = sorted(order, key=lambda i: -len(texts[i]))
-    started = _start_ray_if_needed()
-    import ray  # only now: see _start_ray_if_needed
+    started = ensure_ray()
+    import ray  # only now: ensure_ray keeps a local Ray on loopback first
 
     try:
         ray.data.DataContext.get_current().enable_progress_bars = progress

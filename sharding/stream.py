@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import webdataset as wds
 
-from sharding.errors import DataError
+from unisrec.errors import DataError
 
 
 @dataclass(frozen=True)

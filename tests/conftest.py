@@ -1,5 +1,5 @@
 """Test-wide setup: every Ray node, gloo group and server a test starts stays on loopback."""
 
-from cluster.local_ray import use_loopback
+from unisrec.runtime import use_loopback
 
 use_loopback()

@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sharding.adapters import read_domain
-from sharding.adapters.amazon2018 import item_text
 from sharding.config import DomainSource, ProcessingConfig
+from sharding.readers import read_domain
+from sharding.readers.amazon2018 import item_text
 
 NO_KCORE = ProcessingConfig(kcore=0)
 DATA = Path(os.environ.get("UNISREC_DATA_ROOT", "/work/shared/data"))

@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sharding.adapters import read_domain
 from sharding.config import DomainSource, ProcessingConfig
-from sharding.errors import DataError
+from sharding.readers import read_domain
+from unisrec.errors import DataError
 
 NO_KCORE = ProcessingConfig(kcore=0)
 

@@ -27,9 +27,9 @@ import pytest
 import yaml
 
 from cluster.commands import register_commands
-from cluster.deepspeed_presets import PRESETS, deepspeed_config, preset, preset_overrides
 from cluster.jobs import EXCLUDES, JobSpec, follow, job_spec, runtime_env, submit, wait
-from unisrec.config import ConfigError
+from pretrain.deepspeed_presets import PRESETS, deepspeed_config, preset, preset_overrides
+from unisrec.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -185,7 +185,7 @@ def test_every_preset_initialises_deepspeed_and_trains_a_step(tmp_path):
     script = tmp_path / "check.py"
     script.write_text(
         "import torch, deepspeed\n"
-        "from cluster.deepspeed_presets import PRESETS, preset\n"
+        "from pretrain.deepspeed_presets import PRESETS, preset\n"
         "for name in PRESETS:\n"
         "    torch.manual_seed(0)\n"
         "    model = torch.nn.Linear(8, 1)\n"

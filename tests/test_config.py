@@ -6,7 +6,8 @@ import pytest
 
 from sharding.config import ShardJobConfig
 from unisrec.cli import main
-from unisrec.config import ConfigError, load_config
+from unisrec.config import load_config
+from unisrec.errors import ConfigError
 
 YAML = """
 domains:

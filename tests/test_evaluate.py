@@ -19,8 +19,7 @@ from adaptors.evaluate import (
     rank_of_targets,
     rank_split,
 )
-from adaptors.sasrec import SASRec
-from pretrain.model import BackboneConfig, UniSRec
+from pretrain.model import BackboneConfig, SASRec, UniSRec
 
 #             pad   1    2    3    4    5
 SCORES = torch.tensor(
@@ -120,7 +119,7 @@ def test_rank_split_matches_scoring_each_user_alone_with_cosine_logits():
         for user, (history, target) in enumerate(
             zip(frame["history"], frame["target"], strict=True)
         ):
-            seq = model.sequence_outputs(torch.tensor([history]), table)[0, -1]
+            seq = model(torch.tensor([history]), table).outputs[0, -1]
             scores = items @ F.normalize(seq, dim=0)
             assert ranks[user] == int((scores > scores[target - 1]).sum())
 
@@ -143,6 +142,6 @@ def test_sasrec_is_ranked_by_dot_product_of_its_id_embeddings():
     frame = pd.DataFrame({"user": [0], "history": [[1, 2]], "target": [3]})
     ranks = rank_split(model, EvalSplit.from_frame(frame, 5), torch.zeros(7, 4), temperature=0.07)
     with torch.no_grad():
-        seq = model.sequence_outputs(torch.tensor([[1, 2]]))[0, -1]
+        seq = model(torch.tensor([[1, 2]]), None).outputs[0, -1]
         scores = model.item_ids.weight[1:] @ seq
     assert ranks.tolist() == [int((scores > scores[2]).sum())]

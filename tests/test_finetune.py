@@ -17,14 +17,15 @@ import torch
 from helpers_data import write_small_dataset
 from mlflow.tracking import MlflowClient
 
+from adaptors.bundle import load_bundle
 from adaptors.commands import register_commands
 from adaptors.config import FinetuneConfig
-from adaptors.evaluate import evaluate_registered
 from adaptors.finetune import epoch_batches, next_item_loss, run_finetune, window_tensor
-from adaptors.registry import load_bundle
+from adaptors.rescore import evaluate_registered
 from pretrain.model import BackboneConfig, UniSRec
 from pretrain.registry import register_backbone
-from unisrec.config import ConfigError, from_dict, load_config
+from unisrec.config import from_dict, load_config
+from unisrec.errors import ConfigError
 
 BACKBONE = "test-backbone"
 BACKBONE_ALIAS = "prod"
@@ -158,7 +159,7 @@ def test_evaluate_registered_reproduces_the_finetune_test_metrics(store):
 
 
 def test_inductive_adaptor_scores_another_domain_but_an_id_model_refuses(store):
-    from sharding.errors import DataError
+    from unisrec.errors import DataError
 
     run_finetune(finetune_config(store, "cross"), progress=False)
     run_finetune(finetune_config(store, "cross-ids", mode="transductive"), progress=False)
@@ -295,7 +296,7 @@ def test_next_item_loss_is_cross_entropy_of_cosine_logits_over_all_items_at_targ
         items = torch.nn.functional.normalize(
             model.item_vectors(table[1:], torch.arange(1, 7)), dim=-1
         )
-        seq = torch.nn.functional.normalize(model.sequence_outputs(inputs[:1], table)[0], dim=-1)
+        seq = torch.nn.functional.normalize(model(inputs[:1], table).outputs[0], dim=-1)
         logits = seq @ items.T / 0.5  # (3 positions, 6 items)
         expected = -torch.log_softmax(logits, dim=-1)[
             torch.arange(3), torch.tensor([1, 2, 4])

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pretrain.config import LossConfig
 from pretrain.gather import Gather
 from pretrain.losses import pretrain_loss
 from pretrain.model import BackboneConfig, UniSRec
@@ -63,14 +64,17 @@ def batch_of(rows: slice) -> dict[str, torch.Tensor]:
     }
 
 
+def loss_config(item_drop_prob: float) -> LossConfig:
+    return LossConfig(temperature=0.07, lam=0.5, item_drop_batch_prob=item_drop_prob)
+
+
 def loss_and_grads(
     model: UniSRec, batch: dict, tables: tuple, gather: Gather, item_drop_prob: float
 ) -> tuple[float, dict[str, float], list[torch.Tensor]]:
     model.zero_grad()
     out = pretrain_loss(
-        model, batch, *tables, lam=0.5, temperature=0.07, step=4, seed=9, gather=gather,
-        item_drop_prob=item_drop_prob,
-    )  # fmt: skip
+        model, batch, *tables, loss_config(item_drop_prob), step=4, seed=9, gather=gather
+    )
     out["loss"].backward()
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
     metrics = {k: out[k] for k in ("seq_item", "seq_seq", "queries")}

@@ -19,7 +19,9 @@ def test_pretrain_then_finetune_log_and_register_through_the_server(tmp_path):
     from adaptors.finetune import run_finetune
     from pretrain.job import run_pretrain
 
-    data = write_small_dataset(tmp_path / "data", domains=("books", "games"), pretrain_domains=("books",))
+    data = write_small_dataset(
+        tmp_path / "data", domains=("books", "games"), pretrain_domains=("books",)
+    )
     with tracking_server(tmp_path / "mlflow") as url:
         pretrain = run_pretrain(
             load_config(
@@ -60,7 +62,10 @@ def test_pretrain_then_finetune_log_and_register_through_the_server(tmp_path):
         run = client.get_run(pretrain["run_id"])
         assert len(client.get_metric_history(run.info.run_id, "loss")) == 3
         backbone = client.get_model_version_by_alias("unisrec-backbone", "current")
-        adaptor = max(client.search_model_versions("name='unisrec-adaptor-games'"), key=lambda v: int(v.version))
+        adaptor = max(
+            client.search_model_versions("name='unisrec-adaptor-games'"),
+            key=lambda v: int(v.version),
+        )
         assert adaptor.tags["unisrec.backbone_version"] == str(backbone.version)
         assert adaptor.tags["unisrec.backbone_run_id"] == pretrain["run_id"]
         assert adaptor.tags["unisrec.data_digest"] == backbone.tags["unisrec.data_digest"]

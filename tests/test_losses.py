@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pretrain.augment import augment, hash_uniform
+from pretrain.config import LossConfig
 from pretrain.gather import Gather
 from pretrain.losses import pretrain_loss, seq_item_loss, seq_seq_loss
 from pretrain.model import BackboneConfig, UniSRec
@@ -111,17 +112,18 @@ def test_every_prefix_is_a_query_and_repeated_items_are_one_candidate(model, tab
     rows = [[3, 5, 3, 5], [7, 5, 2]]
     batch = make_batch(rows)
     out = pretrain_loss(
-        model, batch, table, dropped, lam=0.0, temperature=0.1, step=0, seed=0, gather=SINGLE
-    )
+        model, batch, table, dropped, LossConfig(lam=0.0, temperature=0.1), step=0, seed=0,
+        gather=SINGLE,
+    )  # fmt: skip
     assert out["queries"] == 3 + 2
 
     # By hand: candidates are the distinct items {2, 3, 5, 7}, each exactly once.
     candidates = [2, 3, 5, 7]
     with torch.no_grad():
-        keys = model.item_vectors(table[candidates]).tolist()
+        keys = model.item_vectors(table[candidates], torch.tensor(candidates)).tolist()
         expected, n = 0.0, 0
         for row in rows:
-            outputs = model.sequence_outputs(torch.tensor([row]), table)[0].tolist()
+            outputs = model(torch.tensor([row]), table).outputs[0].tolist()
             for t in range(len(row) - 1):
                 logits = [cosine(outputs[t], k) / 0.1 for k in keys]
                 expected += cross_entropy(logits, candidates.index(row[t + 1]))
@@ -133,10 +135,11 @@ def test_every_prefix_is_a_query_and_repeated_items_are_one_candidate(model, tab
 def test_filler_rows_change_nothing(model, tables):
     table, dropped = tables
     rows = [[3, 5, 3, 5], [7, 5, 2], [1, 9]]
-    kwargs = dict(lam=0.5, temperature=0.07, step=3, seed=11, gather=SINGLE)
-    plain = pretrain_loss(model, make_batch(rows, [10, 11, 12]), table, dropped, **kwargs)
+    loss = LossConfig(lam=0.5, temperature=0.07)
+    kwargs = dict(step=3, seed=11, gather=SINGLE)
+    plain = pretrain_loss(model, make_batch(rows, [10, 11, 12]), table, dropped, loss, **kwargs)
     filled = pretrain_loss(
-        model, make_batch([[], *rows, []], [90, 10, 11, 12, 91]), table, dropped, **kwargs
+        model, make_batch([[], *rows, []], [90, 10, 11, 12, 91]), table, dropped, loss, **kwargs
     )
     assert filled["queries"] == plain["queries"] == 6
     assert filled["seq_item"] == pytest.approx(plain["seq_item"], rel=1e-6)
@@ -148,13 +151,11 @@ def test_filler_rows_change_nothing(model, tables):
 def test_naive_and_efficient_formulations_agree(model, tables, item_drop_prob):
     table, dropped = tables
     batch = make_batch([[3, 5, 3, 5, 8, 1, 2], [7, 5, 2], [], [4, 6]])
-    kwargs = dict(
-        lam=0.5, temperature=0.07, step=1, seed=5, gather=SINGLE, item_drop_prob=item_drop_prob
-    )
+    loss = LossConfig(lam=0.5, temperature=0.07, item_drop_batch_prob=item_drop_prob)
     results = []
     for loss_fn in (pretrain_loss, naive_pretrain_loss):
         model.zero_grad()
-        out = loss_fn(model, batch, table, dropped, **kwargs)
+        out = loss_fn(model, batch, table, dropped, loss, step=1, seed=5, gather=SINGLE)
         out["loss"].backward()
         # The gate-noise weights get no gradient in eval mode: compare them as zeros.
         grads = [

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from adaptors.moe import MoEAdaptor, PWLayer
+from pretrain.model import MoEAdaptor, PWLayer
 
 
 def test_output_keeps_leading_dims_and_maps_to_out_dim():

@@ -139,7 +139,7 @@ def test_registered_backbone_loads_by_alias_in_another_process_without_training_
         "import sys, mlflow.pytorch, torch\n"
         f"mlflow.set_tracking_uri({uninterrupted['tracking_uri']!r})\n"
         "m = mlflow.pytorch.load_model('models:/unisrec-backbone@current')\n"
-        "out = m.sequence_outputs(torch.tensor([[1, 2, 3]]), torch.randn(81, 16))\n"
+        "out = m(torch.tensor([[1, 2, 3]]), torch.randn(81, 16)).outputs\n"
         "print(type(m).__name__, tuple(out.shape), 'deepspeed' in sys.modules, 'ray' in sys.modules)\n"
     )
     done = subprocess.run(

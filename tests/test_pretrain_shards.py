@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from sharding.pretrain_shards import pretraining_samples, training_windows, write_shards
+from sharding.pretrain_shards import pretraining_samples, write_shards
+from sharding.windows import training_windows
 
 
 def test_windows_cover_every_transition_once_with_histories_capped():

@@ -32,27 +32,27 @@ def model() -> UniSRec:
 def test_output_at_t_equals_encoding_the_prefix_alone(model):
     items = torch.tensor([[3, 7, 7, 1, 12, 5, 9], [2, 4, 6, 8, 10, 11, 13]])
     table = text_table()
-    full = model.sequence_outputs(items, table)
+    full = model(items, table).outputs
     for t in range(items.shape[1]):
-        prefix = model.sequence_outputs(items[:, : t + 1], table)
+        prefix = model(items[:, : t + 1], table).outputs
         torch.testing.assert_close(full[:, t], prefix[:, t], atol=1e-5, rtol=0)
 
 
 def test_right_padding_leaves_valid_positions_unchanged(model):
     table = text_table()
-    alone = model.sequence_outputs(torch.tensor([[4, 9, 2]]), table)
+    alone = model(torch.tensor([[4, 9, 2]]), table).outputs
     # Row 0 padded with 0s up to the longer row 1:
     #   [4 9 2 . . . .]
     #   [1 2 3 4 5 6 7]
     batch = torch.tensor([[4, 9, 2, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7]])
-    padded = model.sequence_outputs(batch, table)
+    padded = model(batch, table).outputs
     torch.testing.assert_close(padded[0, :3], alone[0], atol=1e-5, rtol=0)
     assert torch.isfinite(padded).all()
 
 
 def test_padding_outputs_are_finite_even_in_training(model):
     model.train()
-    out = model.sequence_outputs(torch.tensor([[5, 0, 0, 0], [0, 0, 0, 0]]), text_table())
+    out = model(torch.tensor([[5, 0, 0, 0], [0, 0, 0, 0]]), text_table()).outputs
     assert torch.isfinite(out).all()
 
 
@@ -60,7 +60,7 @@ def test_adaptor_runs_once_per_distinct_item(model):
     rows_seen = []
     model.adaptor.register_forward_hook(lambda mod, args, out: rows_seen.append(args[0].shape[0]))
     items = torch.tensor([[3, 7, 7, 1, 3, 0], [7, 1, 1, 1, 0, 0], [2, 3, 0, 0, 0, 0]])
-    model.sequence_outputs(items, text_table())
+    model(items, text_table())
     assert rows_seen == [torch.unique(items).numel()]  # {0, 1, 2, 3, 7}: 5 rows, not 18
 
 
@@ -70,15 +70,15 @@ def test_word_dropped_positions_read_the_second_table(model):
     use = torch.tensor([[False, True, True, False]])
     # Item 3 appears once plain and once word-dropped: two different inputs.
     text = torch.where(use.unsqueeze(-1), dropped[items], table[items])
-    expected = model.encoder(model.item_vectors(text))
-    got = model.sequence_outputs(items, table, dropped, use)
+    expected = model.encoder(model.item_vectors(text, items))
+    got = model(items, table, dropped, use).outputs
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
 def test_longer_than_max_seq_len_raises(model):
     items = torch.ones(1, model.cfg.max_seq_len + 1, dtype=torch.long)
     with pytest.raises(ValueError, match="exceeds max_seq_len 8"):
-        model.sequence_outputs(items, text_table())
+        model(items, text_table())
 
 
 def test_heads_must_divide_hidden_size():
@@ -86,9 +86,9 @@ def test_heads_must_divide_hidden_size():
         SequenceEncoder(small_config(hidden_size=15))
 
 
-def test_last_outputs_reads_position_length_minus_one():
+def test_last_reads_position_length_minus_one():
     outputs = torch.arange(2 * 4 * 1, dtype=torch.float32).view(2, 4, 1)
-    last = UniSRec.last_outputs(outputs, torch.tensor([3, 1]))
+    last = UniSRec.last(outputs, torch.tensor([3, 1]))
     assert last.squeeze(-1).tolist() == [2.0, 4.0]
 
 
@@ -100,15 +100,13 @@ def test_transductive_item_vectors_add_the_id_embedding():
     expected = model.adaptor(text) + model.item_ids.weight[ids]
     torch.testing.assert_close(model.item_vectors(text, ids), expected)
     torch.testing.assert_close(model.item_ids.weight[0], torch.zeros(16))
-    with pytest.raises(ValueError, match="needs item ids"):
-        model.item_vectors(text)
 
 
 @pytest.mark.parametrize("num_items", [0, NUM_ITEMS])
-def test_backbone_and_adaptor_parameters_split_the_model(num_items):
+def test_encoder_and_tuned_parameters_split_the_model(num_items):
     model = UniSRec(small_config(), TEXT_DIM, num_items=num_items)
-    backbone = {id(p) for p in model.backbone_parameters()}
-    adaptor = {id(p) for p in model.adaptor_parameters()}
+    backbone = {id(p) for p in model.encoder.parameters()}
+    adaptor = {id(p) for p in model.tuned_parameters()}
     assert not backbone & adaptor
     assert backbone | adaptor == {id(p) for p in model.parameters()}
     assert id(model.encoder.position.weight) in backbone

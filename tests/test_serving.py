@@ -11,13 +11,14 @@ import pandas as pd
 import pytest
 from helpers_data import write_small_dataset
 
+from adaptors.bundle import load_bundle
+from adaptors.catalogue import Catalogue, add_items_from_csv, read_items_csv
 from adaptors.commands import register_commands
 from adaptors.config import FinetuneConfig
 from adaptors.finetune import run_finetune
-from adaptors.registry import load_bundle
-from adaptors.serving import Catalogue, add_items_from_csv, read_items_csv, top_k
-from sharding.errors import DataError
+from adaptors.serving import top_k
 from unisrec.config import from_dict
+from unisrec.errors import DataError
 
 TINY = {"hidden_size": 16, "inner_size": 32, "num_experts": 2, "max_seq_len": 10, "dropout": 0.1}
 

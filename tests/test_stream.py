@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from sharding.errors import DataError
 from sharding.pretrain_shards import pretraining_samples, write_shards
 from sharding.stream import ShardSpec, ShardStream
+from unisrec.errors import DataError
 
 
 def _write(tmp_path, num_users=(37, 23), num_shards=6, max_seq_len=5):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sharding.adapters import read_domain
 from sharding.config import ProcessingConfig, ShardJobConfig
+from sharding.readers import read_domain
 from sharding.synthetic import SUCCESSOR, TOPICS, topic_of, write_synthetic
 from unisrec.config import from_dict
 

@@ -12,7 +12,8 @@ from mlflow.tracking import MlflowClient
 
 from adaptors.config import FinetuneConfig
 from adaptors.tenants import run_tenants, tenant_configs
-from unisrec.config import ConfigError, from_dict
+from unisrec.config import from_dict
+from unisrec.errors import ConfigError
 
 TINY = {"hidden_size": 16, "inner_size": 32, "num_experts": 2, "max_seq_len": 10, "dropout": 0.1}
 

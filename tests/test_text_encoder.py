@@ -12,15 +12,9 @@ from transformers import BertConfig, BertModel, BertTokenizer
 
 from sharding.config import EncoderConfig
 from sharding.embedding_cache import EmbeddingCache
-from sharding.text_encoder import (
-    PACKAGED_NAME,
-    EncoderInfo,
-    TextEncoder,
-    cached_encode,
-    encode_texts,
-    word_drop,
-)
-from unisrec.config import ConfigError
+from sharding.encoding import EncoderInfo, cached_encode, encode_texts
+from sharding.text_encoder import PACKAGED_NAME, TextEncoder, word_drop
+from unisrec.errors import ConfigError
 
 WORDS = (
     "red green blue black white small large steel glass paper pen pencil ruler tape glue "
@@ -203,7 +197,7 @@ def test_encode_texts_returns_input_order_and_answers_a_rerun_from_cache(
     np.testing.assert_allclose(vectors, direct, atol=1e-5)
     assert (info.name, info.dim, info.pooling, info.max_length) == (tiny_bert, 32, "cls", 128)
 
-    with caplog.at_level(logging.INFO, logger="sharding.text_encoder"):
+    with caplog.at_level(logging.INFO, logger="sharding.encoding"):
         again, _ = encode_texts(texts, cfg, progress=False)
     assert f"{len(texts)} from cache, 0 not" in caplog.text
     np.testing.assert_array_equal(again, vectors)

@@ -8,7 +8,6 @@ Heavy libraries (torch, Ray, DeepSpeed, MLflow) are imported inside the commands
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
@@ -16,22 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from cluster.local_ray import use_loopback
-
-use_loopback()  # before any module imports ray
-
-# job name -> "module:ConfigClass"; `config show` resolves any of them.
-JOB_CONFIGS = {
-    "shard": "sharding.config:ShardJobConfig",
-    "pretrain": "pretrain.config:PretrainConfig",
-    "finetune": "adaptors.config:FinetuneConfig",
-    "demo": "unisrec.demo:DemoConfig",
-}
-
-
-def _config_class(job: str):
-    module, _, name = JOB_CONFIGS[job].partition(":")
-    return getattr(importlib.import_module(module), name)
+from unisrec.jobs import JOB_CONFIGS, config_class
+from unisrec.runtime import use_loopback
 
 
 def _guess_job(path: str) -> str:
@@ -46,7 +31,7 @@ def _guess_job(path: str) -> str:
 def _load(job: str, path: str | None, overrides: list[str]):
     from unisrec.config import load_config
 
-    return load_config(_config_class(job), path, overrides)
+    return load_config(config_class(job), path, overrides)
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
@@ -203,14 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    use_loopback()  # before any command imports ray
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    from sharding.errors import DataError
-    from unisrec.config import ConfigError
+    from unisrec.errors import ConfigError, DataError
 
     try:
         return int(args.func(args) or 0)

@@ -9,6 +9,7 @@ got 'fast'`` or ``unknown key 'train.lrr' (did you mean 'train.lr'?)``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -19,11 +20,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from unisrec.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration key or value is wrong; the message names the dotted key."""
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides=()) -> T:
@@ -46,12 +45,13 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides=(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         raw = loaded
+    parsed: dict[str, Any] = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value != "" else "")
-    return from_dict(cls, raw)
+        parsed[key.strip()] = yaml.safe_load(value) if value != "" else ""
+    return from_dict(cls, apply_overrides(raw, parsed))
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
@@ -113,18 +113,21 @@ def dump_yaml(obj: Any) -> str:
     return yaml.safe_dump(to_dict(obj), sort_keys=False)
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.get(part)
-        if isinstance(child, list) and parts[-1] != part:
-            raise ConfigError(f"override '{dotted}': '{part}' is a list; set it whole")
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    node[parts[-1]] = value
+def apply_overrides(tree: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` with dotted ``overrides`` (``{"data.domain": "x"}``) applied; ``tree`` itself
+    is not changed. Missing sections are created (the typed config then checks every key);
+    a list or value in the way of a dotted key is an error."""
+    out = copy.deepcopy(tree)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = out
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{dotted}': '{part}' is not a section; set it whole")
+            node = child
+        node[leaf] = value
+    return out
 
 
 def expand_env(value: str) -> str:

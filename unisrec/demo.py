@@ -32,7 +32,9 @@ class SyntheticData:
     seed: int = 0
     scale: float = 1.0  # users per domain relative to the default sizes
     num_sources: int = 4  # pretraining domains (targets: crafts and gifts)
-    target_scale: float = 0.35  # small targets (~50-100 users, ~50 items): where pretraining pays off
+    target_scale: float = (
+        0.35  # small targets (~50-100 users, ~50 items): where pretraining pays off
+    )
 
 
 @dataclass
@@ -242,8 +244,9 @@ def _example_recommendations(
     out: Path, tenants: list[TenantSpec], results: dict[str, dict], k: int = 5
 ) -> str:
     """Top-k for one test user of each pretrained tenant, with item text."""
-    from adaptors.registry import load_bundle
-    from adaptors.serving import Catalogue, top_k
+    from adaptors.bundle import load_bundle
+    from adaptors.catalogue import Catalogue
+    from adaptors.serving import top_k
     from sharding.dataset import Dataset
 
     ds = Dataset(out / "data")
@@ -273,6 +276,8 @@ def _registry_lineage(tracking_uri: str) -> str:
     """Every registered model's newest version with the tags that say what made it."""
     from mlflow.tracking import MlflowClient
 
+    from unisrec import tags as T
+
     client = MlflowClient(tracking_uri)
     lines = ["registry (newest version of each model, lineage tags):"]
     for model in sorted(client.search_registered_models(), key=lambda m: m.name):
@@ -280,15 +285,15 @@ def _registry_lineage(tracking_uri: str) -> str:
             client.search_model_versions(f"name='{model.name}'"), key=lambda v: int(v.version)
         )
         tags = newest.tags
-        if tags.get("unisrec.kind") == "backbone":
-            origin = f"run {tags['unisrec.run_id'][:8]}, data {tags['unisrec.data_digest'][:12]}, encoder {tags['unisrec.encoder']}"
+        if tags.get(T.KIND) == "backbone":
+            origin = f"run {tags[T.RUN_ID][:8]}, data {tags[T.DATA_DIGEST][:12]}, encoder {tags[T.ENCODER]}"
         else:
             made_from = (
-                f"{tags['unisrec.backbone_name']} v{tags['unisrec.backbone_version']}"
-                if tags.get("unisrec.backbone_name", "none") != "none"
+                f"{tags[T.BACKBONE_NAME]} v{tags[T.BACKBONE_VERSION]}"
+                if tags.get(T.BACKBONE_NAME, "none") != "none"
                 else "no backbone (scratch)"
             )
-            origin = f"{made_from}, data {tags.get('unisrec.data_digest', '')[:12]}, {tags.get('unisrec.mode', '')}"
+            origin = f"{made_from}, data {tags.get(T.DATA_DIGEST, '')[:12]}, {tags.get(T.MODE, '')}"
         lines.append(f"  {model.name:<30} v{newest.version}  <- {origin}")
     return "\n".join(lines)
 

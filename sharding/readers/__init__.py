@@ -35,10 +35,9 @@ import numpy as np
 import pandas as pd
 
 from sharding.config import FORMATS, DomainSource, ProcessingConfig
-from sharding.errors import DataError
 from sharding.processing import build_sequences, clean_text
 from sharding.types import DomainSequences
-from unisrec.config import ConfigError
+from unisrec.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -48,20 +47,20 @@ _GZIP_MAGIC = b"\x1f\x8b"
 def read_domain(source: DomainSource, processing: ProcessingConfig) -> DomainSequences:
     """Read, clean and index one domain as ``source.format`` says."""
     if source.format == "unisrec-atomic":
-        from sharding.adapters import unisrec_atomic
+        from sharding.readers import unisrec_atomic
 
         domain = unisrec_atomic.read(source)
         # The given split is kept, so no filtering: only cut texts to the configured length.
         domain.item_texts = [clean_text(t, processing.max_text_chars) for t in domain.item_texts]
         return domain
     if source.format == "recbole-atomic":
-        from sharding.adapters import recbole_atomic as reader
+        from sharding.readers import recbole_atomic as reader
     elif source.format == "csv":
-        from sharding.adapters import csv_table as reader
+        from sharding.readers import csv_table as reader
     elif source.format == "amazon-2018":
-        from sharding.adapters import amazon2018 as reader
+        from sharding.readers import amazon2018 as reader
     elif source.format == "online-retail":
-        from sharding.adapters import online_retail as reader
+        from sharding.readers import online_retail as reader
     else:
         raise ConfigError(f"format: unknown format {source.format!r}; known: {', '.join(FORMATS)}")
     return build_sequences(reader.read(source), processing, kcore=source.kcore)

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from sharding.adapters import BadRows, require_file, single_file, text_lines
-from sharding.adapters.recbole_atomic import atomic_rows
 from sharding.config import DomainSource
-from sharding.errors import DataError
 from sharding.processing import clean_text
+from sharding.readers import BadRows, require_file, single_file, text_lines
+from sharding.readers.recbole_atomic import atomic_rows
 from sharding.types import DomainSequences
+from unisrec.errors import DataError
 
 SPLITS = ("train", "valid", "test")
 INTER_FIELDS = ("user_id", "item_id_list", "item_id")

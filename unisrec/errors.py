@@ -1,8 +1,18 @@
-"""The one error type for bad input data: it names the file, line and field."""
+"""The two error types every job raises for input it cannot use.
+
+* :class:`ConfigError`: a configuration key or value is wrong; the message names the dotted key.
+* :class:`DataError`: bad input data; the message names the file, line and field.
+
+The CLI turns either into one ``error:`` line and exit status 2.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names the dotted key."""
 
 
 class DataError(ValueError):

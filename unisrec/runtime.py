@@ -1,4 +1,5 @@
-"""Start or join Ray. A local Ray (no cluster address) binds to 127.0.0.1 only.
+"""Where local processes run: loopback settings, free ports, and the one way every job starts
+or joins Ray. A local Ray (no cluster address) binds to 127.0.0.1 only.
 
 Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once, when it is first imported: the CLI and
 the tests call :func:`use_loopback` before anything imports ray.
@@ -7,6 +8,7 @@ the tests call :func:`use_loopback` before anything imports ray.
 from __future__ import annotations
 
 import os
+import socket
 
 LOOPBACK_ENV = {
     # Ray's own default binds the node to the machine's network address; this keeps the
@@ -27,19 +29,29 @@ def use_loopback() -> None:
         os.environ.setdefault(key, value)
 
 
-def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
-    """Connect to ``address`` (or ``$RAY_ADDRESS``), else start a local loopback-only Ray."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (another process may still take it first)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def ensure_ray(address: str = "", num_cpus: int | None = None) -> bool:
+    """Connect to ``address`` (or ``$RAY_ADDRESS``), else start a local loopback-only Ray.
+
+    Returns True when this call started or joined Ray (the caller may shut it down again),
+    False when Ray was already initialised.
+    """
+    use_loopback()  # before the first import of ray
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
         ray.init(address=address)
-        return
-    from cluster.mlflow_server import free_port
+        return True
 
-    use_loopback()
     ray.init(
         address="local",  # a new local instance, never another user's Ray on this machine
         num_cpus=num_cpus or os.cpu_count(),
@@ -52,3 +64,4 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
         runtime_env={"env_vars": {k: os.environ[k] for k in LOOPBACK_ENV}},
         log_to_driver=True,
     )
+    return True

@@ -19,11 +19,11 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from sharding.adapters import BadRows, events_frame, single_file, text_lines
 from sharding.config import DomainSource
-from sharding.errors import DataError
 from sharding.processing import clean_text
+from sharding.readers import BadRows, events_frame, single_file, text_lines
 from sharding.types import EventLog
+from unisrec.errors import DataError
 
 JSON_PATTERNS = ("*.json", "*.json.gz", "*.jsonl", "*.jsonl.gz")
 

@@ -20,11 +20,11 @@ import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from sharding.adapters import BadRows, events_frame, single_file, text_lines
 from sharding.config import DomainSource
-from sharding.errors import DataError
 from sharding.processing import clean_text
+from sharding.readers import BadRows, events_frame, single_file, text_lines
 from sharding.types import EventLog
+from unisrec.errors import DataError
 
 DEFAULT_COLUMNS = {"user": "user_id", "item": "item_id", "timestamp": "timestamp"}
 

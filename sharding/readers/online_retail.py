@@ -20,12 +20,12 @@ import functools
 from collections import Counter
 from pathlib import Path
 
-from sharding.adapters import BadRows, events_frame, require_file
-from sharding.adapters.csv_table import cell_text, parse_timestamp, table_rows
 from sharding.config import DomainSource
-from sharding.errors import DataError
 from sharding.processing import clean_text
+from sharding.readers import BadRows, events_frame, require_file
+from sharding.readers.csv_table import cell_text, parse_timestamp, table_rows
 from sharding.types import EventLog
+from unisrec.errors import DataError
 
 DEFAULT_COLUMNS = {
     "user": "InvoiceNo",

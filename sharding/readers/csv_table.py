@@ -24,11 +24,11 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from sharding.adapters import BadRows, events_frame, require_file, single_file, text_lines
 from sharding.config import DomainSource
-from sharding.errors import DataError
 from sharding.processing import clean_text
+from sharding.readers import BadRows, events_frame, require_file, single_file, text_lines
 from sharding.types import EventLog
+from unisrec.errors import DataError
 
 Row = dict[str, object]
 

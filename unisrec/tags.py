@@ -1,0 +1,53 @@
+"""Names the platform writes into the MLflow registry, and the rule for tenant names.
+
+Every registry tag, model-name prefix and alias the jobs set or read is defined here once
+(their meaning: docs/data-format.md, "Registry tags").
+"""
+
+from __future__ import annotations
+
+import re
+
+from unisrec.errors import ConfigError
+
+# Registered model names.
+BACKBONE_MODEL = "unisrec-backbone"  # the pretraining job's default
+ADAPTOR_MODEL_PREFIX = "unisrec-adaptor-"  # + tenant name
+# MLflow reserves the alias "latest": models:/NAME@latest always means the highest version.
+LATEST = "latest"
+
+# Tags on a model version (and, for KIND and TENANT, on the registered model).
+KIND = "unisrec.kind"  # backbone | adaptor (on runs: pretrain | finetune)
+TENANT = "unisrec.tenant"
+DATA_DIGEST = "unisrec.data_digest"
+ENCODER = "unisrec.encoder"
+ENCODER_DIM = "unisrec.encoder_dim"
+CONFIG_HASH = "unisrec.config_hash"
+RUN_ID = "unisrec.run_id"
+BACKBONE_NAME = "unisrec.backbone_name"
+BACKBONE_VERSION = "unisrec.backbone_version"
+BACKBONE_RUN_ID = "unisrec.backbone_run_id"
+DOMAIN = "unisrec.domain"
+MODE = "unisrec.mode"
+BASELINE = "unisrec.baseline"
+
+# Tenant names end up in model names, run names and directory names: keep them boring.
+TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def validate_tenant_name(name: str) -> str:
+    """Return ``name`` if it matches ``^[a-z0-9][a-z0-9_-]{0,62}$``, else raise ConfigError.
+
+    The pattern alone rules out path separators, ``..``, upper case and the empty name.
+    """
+    if not isinstance(name, str) or not TENANT_PATTERN.fullmatch(name):
+        raise ConfigError(
+            f"tenant: {name!r} is not a valid tenant name "
+            "(1-63 of a-z, 0-9, '_', '-', starting with a letter or digit)"
+        )
+    return name
+
+
+def adaptor_model_name(tenant: str) -> str:
+    """The registered model a tenant's adaptor goes to by default."""
+    return ADAPTOR_MODEL_PREFIX + validate_tenant_name(tenant)
