@@ -8,6 +8,10 @@ from typing import Literal
 from unisrec.errors import ConfigError
 
 FORMATS = ("unisrec-atomic", "recbole-atomic", "csv", "amazon-2018", "online-retail")
+# What orders one user's interactions that share a timestamp, where tie_order is null.
+# A basket has no order: the lines of one invoice share its time, and their order in the
+# file is the shop's layout, not the customer's. Formats not listed keep file order.
+DEFAULT_TIE_ORDER = {"online-retail": "shuffle"}
 
 
 @dataclass
@@ -32,6 +36,9 @@ class DomainSource:
         "error"  # skip = count and log bad rows instead of failing
     )
     kcore: int | None = None  # overrides processing.kcore for this domain
+    tie_order: Literal["file", "shuffle"] | None = None  # overrides processing.tie_order
+    # online-retail: drop cancellations (invoice "C...", quantity < 1) as well; the paper kept them
+    drop_cancellations: bool = False
 
     def validate(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
@@ -43,6 +50,16 @@ class ProcessingConfig:
     kcore: int = 5  # iterative k-core on users and items; 0 disables (users still need 3 items)
     max_seq_len: int = 50  # histories keep the last max_seq_len items
     max_text_chars: int = 512  # item text is cleaned then cut to this many characters
+    # Order of one user's interactions with equal timestamps: file = as in the source file,
+    # shuffle = a seeded permutation per tie group; null = the format's default (file, but
+    # shuffle for online-retail). See "Tie groups" in docs/data-format.md.
+    tie_order: Literal["file", "shuffle"] | None = None
+    seed: int = 0  # seeds tie_order: shuffle
+
+
+def resolve_tie_order(source: DomainSource, processing: ProcessingConfig) -> str:
+    """The tie order for one domain: its own setting, else processing's, else its format's."""
+    return source.tie_order or processing.tie_order or DEFAULT_TIE_ORDER.get(source.format, "file")
 
 
 @dataclass

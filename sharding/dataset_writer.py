@@ -88,6 +88,7 @@ def _write_into(
             "offset": offset,
             "pretrain": enc.pretrain,
             "skipped": dict(seqs.skipped),
+            "ties": dict(seqs.ties) if seqs.ties is not None else None,
             "files": files,
         }
         if enc.pretrain:

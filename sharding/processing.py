@@ -2,11 +2,15 @@
 
 The steps of :func:`build_sequences`, in order:
 
-1. drop exact duplicate ``(user, item, timestamp)`` rows (counted in ``skipped``);
+1. drop exact duplicate rows, equal in ``log.duplicate_key`` (by default ``(user, item,
+   timestamp)``; counted in ``skipped``);
 2. drop interactions on items without usable text (counted);
 3. iterative k-core on users and items, with users needing at least 3 interactions
    whatever ``k`` is, because leave-one-out takes a train, a valid and a test item;
-4. order each user's interactions by ``(timestamp, order)``: equal timestamps keep file order;
+4. order each user's interactions by timestamp. A *tie group* (>= 2 interactions of one user
+   with one timestamp) is ordered as ``tie_order`` says: ``file`` keeps file order,
+   ``shuffle`` sorts by a seeded hash of ``(seed, user, timestamp, item)``, a permutation
+   that is the same on every run and does not depend on where the rows sit in the file;
 5. index items ``1..N`` in sorted order of their keys, users in sorted order of theirs.
    Sorted keys make the indexes depend only on which items survive, not on row order.
 
@@ -16,6 +20,7 @@ Sequences are kept whole; histories are cut to ``max_seq_len`` only when splits 
 
 from __future__ import annotations
 
+import hashlib
 import html
 import logging
 import re
@@ -71,19 +76,24 @@ def kcore_filter(events: pd.DataFrame, k: int, user_k: int | None = None) -> pd.
 
 
 def build_sequences(
-    log: EventLog, cfg: ProcessingConfig, kcore: int | None = None
+    log: EventLog, cfg: ProcessingConfig, kcore: int | None = None, tie_order: str | None = None
 ) -> DomainSequences:
     """Turn an event log into chronological, locally indexed item sequences.
 
-    ``kcore`` overrides ``cfg.kcore`` (0 turns k-core off). Texts are cleaned and cut to
+    ``kcore`` overrides ``cfg.kcore`` (0 turns k-core off); ``tie_order`` overrides
+    ``cfg.tie_order`` (both None: ``file``). Texts are cleaned and cut to
     ``cfg.max_text_chars``. Counts of dropped duplicate rows and of interactions on items
-    without text are added to ``skipped`` (keys ``duplicate`` and ``item_without_text``).
+    without text are added to ``skipped`` (keys ``duplicate`` and ``item_without_text``);
+    the tie policy and tie-group counts of what is kept go to ``ties``.
     """
     k = cfg.kcore if kcore is None else kcore
+    tie_order = tie_order or cfg.tie_order or "file"
+    if tie_order not in ("file", "shuffle"):
+        raise ValueError(f"tie_order must be 'file' or 'shuffle', got {tie_order!r}")
     skipped = dict(log.skipped)
     events = log.events
 
-    unique = ~events.duplicated(subset=["user", "item", "timestamp"], keep="first")
+    unique = ~events.duplicated(subset=list(log.duplicate_key), keep="first")
     _count(skipped, log.domain, "duplicate", int((~unique).sum()))
     events = events[unique]
 
@@ -112,8 +122,22 @@ def build_sequences(
     user_keys = sorted(events["user"].unique())
     item_index = pd.Index(item_keys).get_indexer(events["item"]).astype(np.int64) + 1
     user_index = pd.Index(user_keys).get_indexer(events["user"])
-    # Last key sorts first: by user, then time, then file order.
-    rows = np.lexsort((events["order"].to_numpy(), events["timestamp"].to_numpy(), user_index))
+    tied = events.duplicated(subset=["user", "timestamp"], keep=False).to_numpy()
+    ties = {
+        "order": tie_order,
+        "seed": cfg.seed if tie_order == "shuffle" else None,
+        "groups": int(tied.sum() - events.duplicated(subset=["user", "timestamp"]).sum()),
+        "interactions": int(tied.sum()),
+    }
+    tie_rank = (
+        tie_shuffle_keys(events, tied, cfg.seed)
+        if tie_order == "shuffle"
+        else np.zeros(len(events), dtype=np.uint64)
+    )
+    # Last key sorts first: by user, then time, then the tie rank, then file order.
+    rows = np.lexsort(
+        (events["order"].to_numpy(), tie_rank, events["timestamp"].to_numpy(), user_index)
+    )
     ends = np.cumsum(np.bincount(user_index, minlength=len(user_keys)))
     sequences = np.split(item_index[rows], ends[:-1]) if user_keys else []
 
@@ -124,7 +148,26 @@ def build_sequences(
         user_keys=user_keys,
         sequences=sequences,
         skipped=skipped,
+        ties=ties,
     )
+
+
+def tie_shuffle_keys(events: pd.DataFrame, tied: np.ndarray, seed: int) -> np.ndarray:
+    """``(len(events),) uint64`` sort keys that shuffle each tie group, seeded.
+
+    A tied row's key is a hash of ``(seed, user, timestamp, item)``, so a group's permutation
+    depends on the seed and on the group's own rows only: not on their positions in the file
+    nor on any other row. Rows with the same item in one group get equal keys (and stay in
+    file order, which changes nothing in the sequence). Untied rows (``tied`` False) get 0.
+    """
+    keys = np.zeros(len(events), dtype=np.uint64)
+    where = np.flatnonzero(tied)
+    columns = (events[c].to_numpy()[where] for c in ("user", "timestamp", "item"))
+    for row, (user, timestamp, item) in zip(where, zip(*columns, strict=True), strict=True):
+        text = f"{seed}\x1f{user}\x1f{float(timestamp)!r}\x1f{item}"
+        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+        keys[row] = int.from_bytes(digest, "little")
+    return keys
 
 
 def leave_one_out(

@@ -253,12 +253,16 @@ def retail_rows() -> list[list[object]]:
 
 
 def check_retail(domain) -> None:
-    assert as_lists(domain) == {
-        "536365": ["85123A", "71053", "84406B"],
+    # Lines of one invoice share a time, so their order is shuffled: compare them sorted.
+    assert {user: sorted(items) for user, items in as_lists(domain).items()} == {
+        "536365": ["71053", "84406B", "85123A"],
         "536366": ["71053", "85123A", "85123A"],
-    }
-    assert domain.item_texts == ["white metal lantern", "cream cupid hearts", "white hanging heart"]
-    assert domain.skipped == {"missing_description": 1, "cancellation": 1}
+    }  # the cancellation C536367 is kept, but with one line it is too short to stay
+    assert as_lists(domain)["536366"][-1] == "85123A"  # 8:29, after the 8:28 lines
+    assert domain.item_texts == [
+        "white metal lantern.", "cream cupid hearts.", "white hanging heart.",
+    ]  # fmt: skip
+    assert domain.skipped == {"missing_description": 1}
 
 
 def test_online_retail_reads_invoices_from_xlsx(tmp_path):
@@ -280,6 +284,101 @@ def test_online_retail_reads_the_uci_csv_export(tmp_path):
     table.to_csv(tmp_path / "retail.csv", index=False)
     source = DomainSource(name="r", format="online-retail", path=str(tmp_path / "retail.csv"))
     check_retail(read_domain(source, NO_KCORE))
+
+
+def paper_rule_rows() -> list[list[object]]:
+    """A table that exercises each of the paper's Online Retail rules once.
+
+    Items I1..I5 are on every invoice below; X only on 536371, which falls to the 5-core
+    only in its second round (X goes first, then 536371 has 4 items).
+    """
+    names = {
+        "I1": "Heart, white hanging", "I2": "WHITE METAL LANTERN", "I3": "CREAM CUPID HEARTS",
+        "I4": "KNITTED UNION FLAG", "I5": "RED WOOLLY HOTTIE", "X": "LONE ITEM",
+    }  # fmt: skip
+    rows = []
+
+    def line(invoice, code, time, quantity=1, description=None, customer=17850):
+        text = names[code] if description is None else description
+        rows.append([invoice, code, text, quantity, f"12/1/2010 {time}", 2.5, customer, "UK"])
+
+    # I1's first line has no description (dropped); its first description is the next one,
+    # although a later one is more frequent.
+    line("536365", "I1", "8:26", 6, description="")
+    line("536365", "I1", "8:26", 6, description="  WHITE HANGING HEART ")
+    for code in ("I2", "I3", "I4", "I5"):
+        line("536365", code, "8:26")
+    for code in ("I1", "I2", "I3", "I4", "I5"):  # same customer, another invoice: a new user
+        line("536366", code, "8:28")
+    for code in ("I1", "I2", "I2", "I3", "I4", "I5"):  # I2 twice, identical: one interaction
+        line("536367", code, "9:01", customer=17851)
+    line("536368", "I3", "9:02", 1)
+    line("536368", "I3", "9:02", 2)  # another quantity: a second interaction
+    for code in ("I1", "I2", "I4", "I5"):
+        line("536368", code, "9:02")
+    for code in ("I1", "I2", "I3", "I4", "I5"):
+        line("536369", code, "9:05")
+    for code in ("I1", "I2", "I3", "I4", "I5"):  # a cancellation is a user like any other
+        line("C536370", code, "9:10", -1)
+    for code in ("I1", "I2", "I3", "I4", "X"):
+        line("536371", code, "9:20")
+    return rows
+
+
+def write_retail_csv(path: Path, rows: list[list[object]]) -> Path:
+    pd.DataFrame(rows, columns=RETAIL_HEADER).to_csv(path, index=False)
+    return path
+
+
+def test_online_retail_follows_the_papers_rules_by_default(tmp_path):
+    path = write_retail_csv(tmp_path / "retail.csv", paper_rule_rows())
+    source = DomainSource(name="r", format="online-retail", path=str(path), tie_order="file")
+    domain = read_domain(source, ProcessingConfig())  # 5-core, as the paper
+    assert as_lists(domain) == {
+        "536365": ["I1", "I2", "I3", "I4", "I5"],
+        "536366": ["I1", "I2", "I3", "I4", "I5"],
+        "536367": ["I1", "I2", "I3", "I4", "I5"],
+        "536368": ["I3", "I3", "I1", "I2", "I4", "I5"],
+        "536369": ["I1", "I2", "I3", "I4", "I5"],
+        "C536370": ["I1", "I2", "I3", "I4", "I5"],
+    }
+    assert domain.item_texts == [
+        "white hanging heart.", "white metal lantern.", "cream cupid hearts.",
+        "knitted union flag.", "red woolly hottie.",
+    ]  # fmt: skip
+    assert domain.skipped == {"missing_description": 1, "duplicate": 1}
+    assert domain.num_interactions == 31
+
+
+def test_online_retail_can_still_drop_cancellations(tmp_path):
+    path = write_retail_csv(tmp_path / "retail.csv", paper_rule_rows())
+    source = DomainSource(name="r", format="online-retail", path=str(path), drop_cancellations=True)
+    domain = read_domain(source, ProcessingConfig())
+    assert "C536370" not in domain.user_keys
+    assert len(domain.user_keys) == 5
+    assert domain.skipped == {"cancellation": 5, "missing_description": 1, "duplicate": 1}
+
+
+def test_tie_order_defaults_to_shuffle_for_online_retail_and_file_elsewhere(tmp_path):
+    path = write_retail_csv(tmp_path / "retail.csv", paper_rule_rows())
+    retail = DomainSource(name="r", format="online-retail", path=str(path))
+    assert read_domain(retail, ProcessingConfig(seed=4)).ties == {
+        "order": "shuffle", "seed": 4, "groups": 6, "interactions": 31,
+    }  # fmt: skip
+    as_file = read_domain(retail, ProcessingConfig(tie_order="file")).ties
+    assert as_file == {"order": "file", "seed": None, "groups": 6, "interactions": 31}
+
+    write_lines(tmp_path / "interactions.csv", ["user,item,timestamp", "u,b,1", "u,a,1", "u,c,2"])
+    write_lines(tmp_path / "items.csv", ["item,text", "a,A", "b,B", "c,C"])
+    table = DomainSource(name="c", format="csv", path=str(tmp_path))
+    assert read_domain(table, NO_KCORE).ties == {
+        "order": "file", "seed": None, "groups": 1, "interactions": 2,
+    }  # fmt: skip
+    table.tie_order = "shuffle"  # a domain's own setting wins over processing's
+    assert (
+        read_domain(table, ProcessingConfig(kcore=0, tie_order="file")).ties["order"] == "shuffle"
+    )
+    assert read_domain(unisrec_source(write_unisrec(tmp_path / "u")), NO_KCORE).ties is None
 
 
 # --- real data (skipped where /work/shared/data is absent) ---------------------------------

@@ -46,6 +46,11 @@ def test_environment_variables_fill_values_and_nested_defaults(config_file, monk
         ("processing.kcor=3", "unknown key 'processing.kcor' (did you mean 'processing.kcore'?)"),
         ("processing.kcore=abc", "processing.kcore: expected an integer, got 'abc'"),
         ("encoder.pooling=max", "encoder.pooling: expected one of ['cls', 'mean'], got 'max'"),
+        (
+            "processing.tie_order=random",
+            "processing.tie_order: expected one of ['file', 'shuffle'], got 'random'",
+        ),
+        ("processing.tie_ordre=file", "(did you mean 'processing.tie_order'?)"),
         ("noequals", "not of the form key=value"),
     ],
 )
@@ -53,6 +58,18 @@ def test_a_wrong_key_or_value_is_an_error_naming_it(config_file, override, messa
     with pytest.raises(ConfigError) as err:
         load_config(ShardJobConfig, config_file, [override])
     assert message in str(err.value)
+
+
+def test_tie_order_is_null_by_default_and_resolves_per_format(config_file):
+    from sharding.config import DomainSource, resolve_tie_order
+
+    cfg = load_config(ShardJobConfig, config_file)
+    assert cfg.processing.tie_order is None and cfg.processing.seed == 0
+    retail = DomainSource(name="r", format="online-retail", path="x")
+    assert resolve_tie_order(cfg.domains[0], cfg.processing) == "file"  # csv
+    assert resolve_tie_order(retail, cfg.processing) == "shuffle"
+    cfg = load_config(ShardJobConfig, config_file, ["processing.tie_order=file"])
+    assert resolve_tie_order(retail, cfg.processing) == "file"
 
 
 def test_config_show_prints_the_resolved_config(config_file, capsys):

@@ -109,6 +109,18 @@ def test_exact_duplicates_are_dropped_and_counted_but_repeat_purchases_kept():
     assert domain.skipped == {"bad_timestamp": 2, "duplicate": 1}
 
 
+def test_a_wider_duplicate_key_keeps_rows_that_differ_in_its_extra_column():
+    # online-retail: one invoice line twice is one interaction; the same item at the same
+    # time with another quantity is a second one.
+    rows = [("u", "a", 1), ("u", "a", 1), ("u", "a", 1), ("u", "b", 2), ("u", "c", 3)]
+    log = make_log(rows)
+    log.events["quantity"] = [6.0, 6.0, 2.0, 1.0, 1.0]
+    log.duplicate_key = ("user", "item", "quantity", "timestamp")
+    domain = build_sequences(log, ProcessingConfig(kcore=0))
+    assert as_lists(domain) == {"u": ["a", "a", "b", "c"]}
+    assert domain.skipped == {"duplicate": 1}
+
+
 def test_interactions_on_items_without_text_are_dropped_and_counted():
     rows = [("u", "a", 1), ("u", "b", 2), ("u", "c", 3), ("u", "d", 4), ("u", "e", 5)]
     texts = {"a": "A", "b": "B", "c": "<br>", "d": "D"}  # c cleans to nothing, e has none
@@ -148,6 +160,91 @@ def test_sequences_are_kept_whole_beyond_max_seq_len():
     rows = [("u", f"i{t:02d}", t) for t in range(12)]
     domain = build_sequences(make_log(rows), ProcessingConfig(kcore=0, max_seq_len=4))
     assert len(domain.sequences[0]) == 12
+
+
+# --- tie groups ---------------------------------------------------------------------------
+
+# One user, eight items at t=5 (a tie group), one before and one after.
+TIED = [("u", "z", 1)] + [("u", item, 5) for item in "abcdefgh"] + [("u", "y", 9)]
+
+
+def tie_order_of(rows, **cfg) -> list[str]:
+    return as_lists(build_sequences(make_log(rows), ProcessingConfig(kcore=0, **cfg)))["u"]
+
+
+def test_shuffle_permutes_a_tie_group_the_same_on_every_run_and_differently_by_seed():
+    first = tie_order_of(TIED, tie_order="shuffle", seed=0)
+    again = tie_order_of(TIED, tie_order="shuffle", seed=0)
+    other = tie_order_of(TIED, tie_order="shuffle", seed=1)
+    assert first == again
+    assert other != first
+    for order in (first, other):
+        assert order[0] == "z" and order[-1] == "y"  # time still orders across groups
+        assert sorted(order[1:-1]) == list("abcdefgh")
+        assert order[1:-1] != list("abcdefgh")  # not file order
+
+
+def test_shuffle_does_not_depend_on_where_the_rows_sit_in_the_file():
+    shuffled = tie_order_of(TIED, tie_order="shuffle", seed=0)
+    others = [("v", "a", 5), ("v", "b", 5), ("v", "c", 7)]
+    moved = others + TIED[::-1]  # reversed file order, other users' rows in front
+    assert tie_order_of(moved, tie_order="shuffle", seed=0) == shuffled
+
+
+def test_file_tie_order_keeps_file_order_whatever_the_seed():
+    assert tie_order_of(TIED, tie_order="file", seed=7) == ["z", *"abcdefgh", "y"]
+
+
+def test_tie_groups_of_the_kept_interactions_are_counted_with_the_policy():
+    rows = [("u", "a", 1), ("u", "b", 1), ("u", "c", 1), ("u", "d", 2)]
+    rows += [("v", "a", 1), ("v", "b", 2), ("v", "c", 2), ("v", "d", 3)]
+    rows += [("w", "a", 4), ("w", "x", 4), ("w", "b", 5), ("w", "c", 6)]  # x has no text
+    log = make_log(rows, texts={i: i for i in "abcd"})
+    assert build_sequences(log, ProcessingConfig(kcore=0)).ties == {
+        "order": "file", "seed": None, "groups": 2, "interactions": 5,
+    }  # fmt: skip
+    shuffled = build_sequences(log, ProcessingConfig(kcore=0, tie_order="shuffle", seed=3))
+    assert shuffled.ties == {"order": "shuffle", "seed": 3, "groups": 2, "interactions": 5}
+
+
+def test_the_manifest_and_data_stats_say_how_each_domain_ordered_its_ties(tmp_path, capsys):
+    from sharding.config import ShardJobConfig
+    from sharding.dataset import Dataset
+    from sharding.dataset_writer import EncodedDomain, write_dataset
+    from sharding.stats import format_stats
+    from unisrec.cli import main
+
+    rows = TIED + [("v", "a", 1), ("v", "b", 2), ("v", "c", 3)]
+    shuffled = build_sequences(make_log(rows), ProcessingConfig(kcore=0), tie_order="shuffle")
+    shuffled.name = "basket"
+    kept = build_sequences(make_log(rows), ProcessingConfig(kcore=0))
+    kept.name = "shop"
+    given = build_sequences(make_log(rows), ProcessingConfig(kcore=0))
+    given.name, given.ties = "atomic", None  # what unisrec-atomic hands over: no timestamps
+    encoded = [
+        EncodedDomain(d, False, np.ones((len(d.item_keys), 4), np.float32), None)
+        for d in (shuffled, kept, given)
+    ]
+    encoder = {"name": "test", "dim": 4, "pooling": "cls", "max_length": 8}
+    write_dataset(tmp_path / "ds", encoded, encoder, ShardJobConfig())
+
+    domains = Dataset(tmp_path / "ds").manifest["domains"]
+    assert domains["basket"]["ties"] == {
+        "order": "shuffle", "seed": 0, "groups": 1, "interactions": 8,
+    }  # fmt: skip
+    assert domains["shop"]["ties"]["order"] == "file"
+    assert domains["atomic"]["ties"] is None
+
+    assert main(["data", "stats", str(tmp_path / "ds")]) == 0
+    table = {line.split()[0]: line.split()[5:] for line in capsys.readouterr().out.splitlines()}
+    assert table["basket"] == ["shuffle:0", "1", "8", "(61.5%)"]
+    assert table["shop"] == ["file", "1", "8", "(61.5%)"]
+    assert table["atomic"] == ["given", "-", "-"]
+
+    del domains["shop"]["ties"]  # a manifest written before ties were recorded
+    manifest = {**Dataset(tmp_path / "ds").manifest, "domains": domains}
+    shop = next(line for line in format_stats(manifest).splitlines() if line.startswith("shop"))
+    assert shop.split()[5:] == ["?", "?", "?"]
 
 
 # --- leave_one_out ------------------------------------------------------------------------

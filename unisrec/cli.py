@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     s = data_sub.add_parser(
         "stats",
-        help="per-domain users, items, interactions, shards",
+        help="per-domain users, items, interactions, tie groups, shards",
         description="Reads DIR/manifest.json.",
     )
     s.add_argument("dir")

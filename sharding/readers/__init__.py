@@ -15,7 +15,9 @@ online-retail      UCI Online Retail table, CSV / parquet / xlsx               o
 =================  ==========================================================  ==============
 
 Every reader but unisrec-atomic returns an :class:`~sharding.types.EventLog` that
-:func:`sharding.processing.build_sequences` filters, orders and indexes.
+:func:`sharding.processing.build_sequences` filters, orders and indexes; equal timestamps of
+one user are ordered as ``tie_order`` says (per domain, else ``processing``, else the format's
+default: ``shuffle`` for online-retail, ``file`` for the others).
 
 This module also holds what all readers share: :func:`text_lines` (strict UTF-8 lines that
 name the line a bad byte is on) and :class:`BadRows` (raise, or count and skip, as
@@ -34,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sharding.config import FORMATS, DomainSource, ProcessingConfig
+from sharding.config import FORMATS, DomainSource, ProcessingConfig, resolve_tie_order
 from sharding.processing import build_sequences, clean_text
 from sharding.types import DomainSequences
 from unisrec.errors import ConfigError, DataError
@@ -63,7 +65,12 @@ def read_domain(source: DomainSource, processing: ProcessingConfig) -> DomainSeq
         from sharding.readers import online_retail as reader
     else:
         raise ConfigError(f"format: unknown format {source.format!r}; known: {', '.join(FORMATS)}")
-    return build_sequences(reader.read(source), processing, kcore=source.kcore)
+    return build_sequences(
+        reader.read(source),
+        processing,
+        kcore=source.kcore,
+        tie_order=resolve_tie_order(source, processing),
+    )
 
 
 def events_frame(
