@@ -3,8 +3,9 @@
 1. open an MLflow run: the whole config as params, the dataset manifest as an input, git commit
 2. Ray Train ``TorchTrainer`` runs :func:`pretrain.worker.train_loop_per_worker` on N workers
    (restarted from the last checkpoint on failure; ``--resume`` continues a stopped run)
-3. consolidate the final DeepSpeed checkpoint into one fp32 backbone
-4. register it (lineage tags + alias) and write ``summary.json`` to the output directory
+3. consolidate the checkpoint with the lowest held-out loss (the final one when the dataset
+   holds nothing out) into one fp32 backbone
+4. register it (lineage tags, which checkpoint, alias) and write ``summary.json``
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
         ),
     )
     dataset = Dataset(cfg.data.dir)
-    dataset.shard_specs(cfg.data.shard_base or None)  # fail here, not in every worker
+    dataset.shard_specs(cfg.data.shard_base or None, cfg.data.domains)  # fail here, not in workers
 
     # 1. The MLflow run (the same one again on --resume).
     previous = _read_run_state(out) if resume else None
@@ -78,6 +79,12 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     # 2. Ray Train: N DeepSpeed workers; a failed worker restarts the group from the last checkpoint.
     ensure_ray(cfg.distributed.ray_address)
     storage = Path(cfg.distributed.storage_path or out / "ray").resolve()
+    # Ray keeps the best checkpoints by held-out loss (and always the latest one).
+    scored = (
+        {"checkpoint_score_attribute": "heldout_score", "checkpoint_score_order": "min"}
+        if dataset.heldout_specs(cfg.data.shard_base or None, cfg.data.domains)
+        else {}
+    )
     resources = {"CPU": cfg.distributed.cpus_per_worker}
     if cfg.distributed.use_gpu:
         resources["GPU"] = 1
@@ -93,7 +100,9 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
             name=run_name,
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.distributed.keep_checkpoints),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.distributed.keep_checkpoints, **scored
+            ),
         ),
     )
     started = time.perf_counter()
@@ -102,9 +111,16 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     if result.checkpoint is None:
         raise RuntimeError("pretraining finished without a checkpoint")
 
-    # 3. One fp32 backbone from the final (possibly ZeRO-partitioned) checkpoint.
-    model, final_metrics = _consolidate(result.checkpoint, cfg, dataset.encoder_dim)
-    final_metrics.update(_last_losses(run_id))
+    # 3. One fp32 backbone from the best (possibly ZeRO-partitioned) checkpoint.
+    chosen = _best_checkpoint(result)
+    model, chosen_state = _consolidate(chosen, cfg, dataset.encoder_dim)
+    final_metrics = {**_train_state(result.checkpoint), **_last_losses(run_id)}
+    best = final_metrics.get("best")  # the held-out record of the chosen checkpoint
+    chosen_tags = {
+        tags.CHECKPOINT_STEP: str(chosen_state.get("step")),
+        tags.CHECKPOINT_EPOCH: f"{best['epoch']:.3f}" if best else str(chosen_state.get("epoch")),
+        tags.HELDOUT_LOSS: f"{best['heldout_loss']:.6f}" if best else "none",
+    }
 
     # 4. Register with lineage, then the summary.
     from pretrain.registry import register_backbone
@@ -118,6 +134,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
         encoder=dataset.encoder_name,
         encoder_dim=dataset.encoder_dim,
         config_hash=config_hash(cfg),
+        extra_tags=chosen_tags,
     )
     history = _metric_history(run_id)
     summary = {
@@ -137,6 +154,10 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
         "final_loss_seq_seq": final_metrics.get("loss_seq_seq"),
         "first_loss": history[0][1] if history else None,
         "checkpoint": result.checkpoint.path,
+        "registered_checkpoint": chosen.path,
+        "registered_step": chosen_state.get("step"),
+        "best_heldout": best,  # step, epoch, heldout_loss (+ per domain) of the registered one
+        "heldout_history": _metric_history(run_id, "heldout_loss"),
         "num_workers": cfg.distributed.num_workers,
         "zero_stage": cfg.distributed.zero_stage,
     }
@@ -148,6 +169,23 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     return summary
 
 
+def _best_checkpoint(result):
+    """The kept checkpoint with the lowest finite held-out loss, else the final one."""
+    scored = [
+        (metrics["heldout_score"], checkpoint)
+        for checkpoint, metrics in (result.best_checkpoints or [])
+        if metrics.get("heldout_score", float("inf")) < float("inf")
+    ]
+    return min(scored, key=lambda pair: pair[0])[1] if scored else result.checkpoint
+
+
+def _train_state(checkpoint) -> dict:
+    from pretrain.worker import STATE_FILE
+
+    path = Path(checkpoint.path) / STATE_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def _consolidate(checkpoint, cfg: PretrainConfig, text_dim: int):
     """Merge the checkpoint in a Ray task (DeepSpeed stays out of the driver process)."""
     import ray
@@ -155,14 +193,11 @@ def _consolidate(checkpoint, cfg: PretrainConfig, text_dim: int):
 
     from pretrain.consolidate import consolidated_state_dict
     from pretrain.model import UniSRec
-    from pretrain.worker import STATE_FILE
 
     state_dict = ray.get(ray.remote(num_cpus=1)(consolidated_state_dict).remote(checkpoint.path))
     model = UniSRec(cfg.model, text_dim=text_dim)
     model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()})
-    state_path = Path(checkpoint.path) / STATE_FILE
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    return model, state
+    return model, _train_state(checkpoint)
 
 
 def _last_losses(run_id: str) -> dict:
@@ -221,7 +256,7 @@ def _plot_loss(run_id: str, path: Path) -> None:
     import mlflow
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for key in ("loss", "loss_seq_item"):
+    for key in ("loss", "loss_seq_item", "heldout_loss"):
         history = _metric_history(run_id, key)
         if history:
             axes[0].plot(*zip(*history), label=key)

@@ -82,6 +82,14 @@ class EncoderConfig:
 class ShardOutputConfig:
     num_shards: int = 8  # pretraining shards; a multiple of ranks x loader workers reads evenly
     seed: int = 0  # order of sequences across and within shards
+    # Fraction of each pretraining domain's users (seeded by `seed`) whose training windows go
+    # to held-out shards (one per domain) instead of the training shards: the held-out
+    # pretraining loss and the choice of the best checkpoint read them. 0 = none.
+    heldout_fraction: float = 0.0
+
+    def validate(self) -> None:
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ConfigError(f"heldout_fraction: must be in [0, 1), got {self.heldout_fraction}")
 
 
 @dataclass

@@ -33,7 +33,8 @@ from unisrec.errors import DataError
 @dataclass(frozen=True)
 class ShardSpec:
     url: str  # local path, http(s) URL or "pipe:CMD"
-    num_samples: int
+    num_samples: int  # samples read from it (of `domains` only, when set)
+    domains: tuple[str, ...] = ()  # read only these domains' samples; () = all
 
 
 def pad_batch(rows: list[dict], batch_size: int) -> dict[str, torch.Tensor]:
@@ -86,8 +87,11 @@ def _read_shards(shards: list[ShardSpec]) -> Iterator[dict]:
         count = 0
         try:
             for raw in wds.tarfile_to_samples()(iter([{"url": spec.url}])):
+                sample = json.loads(raw["json"])
+                if spec.domains and sample["domain"] not in spec.domains:
+                    continue
                 count += 1
-                yield json.loads(raw["json"])
+                yield sample
         except DataError:
             raise
         except Exception as err:  # tarfile and IO errors do not name the shard

@@ -30,6 +30,10 @@ BACKBONE_RUN_ID = "unisrec.backbone_run_id"
 DOMAIN = "unisrec.domain"
 MODE = "unisrec.mode"
 BASELINE = "unisrec.baseline"
+# On a backbone version: the checkpoint it is (lowest held-out pretraining loss, or the last).
+CHECKPOINT_STEP = "unisrec.checkpoint_step"
+CHECKPOINT_EPOCH = "unisrec.checkpoint_epoch"  # epochs completed at that step (fractional)
+HELDOUT_LOSS = "unisrec.heldout_loss"  # its held-out loss ("none" without held-out shards)
 
 # Tenant names end up in model names, run names and directory names: keep them boring.
 TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
