@@ -42,13 +42,17 @@ def finetune_key(cell: FinetuneCell, fraction: float, seed: int) -> str:
 
 
 def finetune_runs(cfg: ExperimentConfig) -> list[tuple[FinetuneCell, float, int]]:
-    """Every (cell, train fraction, seed) of the grid, in config order."""
-    return [
-        (cell, fraction, seed)
-        for cell in cfg.finetune
-        for fraction in cell.train_fractions
-        for seed in cell.seeds or cfg.seeds
+    """Every (cell, train fraction, seed) of the grid: first seed before later seeds, then
+    each cell's fractions in its listed order, then cells in config order -- so a stopped
+    grid has whole comparisons (every cell at one seed and fraction) rather than all seeds of
+    one cell."""
+    runs = [
+        ((s, f, c), (cell, fraction, seed))
+        for c, cell in enumerate(cfg.finetune)
+        for f, fraction in enumerate(cell.train_fractions)
+        for s, seed in enumerate(cell.seeds or cfg.seeds)
     ]
+    return [run for _, run in sorted(runs, key=lambda pair: pair[0])]
 
 
 def pretrain_config(cfg: ExperimentConfig, cell: PretrainCell, out: Path):
