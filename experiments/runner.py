@@ -46,12 +46,12 @@ def finetune_runs(cfg: ExperimentConfig) -> list[tuple[FinetuneCell, float, int]
     each cell's fractions in its listed order, then cells in config order -- so a stopped
     grid has whole comparisons (every cell at one seed and fraction) rather than all seeds of
     one cell."""
-    runs = [
-        ((s, f, c), (cell, fraction, seed))
-        for c, cell in enumerate(cfg.finetune)
-        for f, fraction in enumerate(cell.train_fractions)
-        for s, seed in enumerate(cell.seeds or cfg.seeds)
-    ]
+    runs, position = [], 0
+    for cell in cfg.finetune:
+        fractions, seeds = cell.train_fractions, cell.seeds or cfg.seeds
+        for f, fraction in enumerate(fractions):
+            runs += [((s, f, position), (cell, fraction, seed)) for s, seed in enumerate(seeds)]
+        position += 1
     return [run for _, run in sorted(runs, key=lambda pair: pair[0])]
 
 
