@@ -22,6 +22,10 @@ class DomainSource:
     format: Literal["unisrec-atomic", "recbole-atomic", "csv", "amazon-2018", "online-retail"]
     path: str  # directory holding the files (or, for online-retail, the table file itself)
     pretrain: bool = False  # include this domain's training sequences in the pretraining shards
+    # pretraining domains: also encode each item's word-dropped text (the seq-seq loss's
+    # word-drop view); false = that view reads the plain vectors (saves a second encoding
+    # pass over a large catalogue; the view then differs from its sequence by item drop only)
+    word_drop: bool = True
     dataset: str = ""  # file stem of atomic files ("Scientific" -> Scientific.text); default: the single *.text / *.inter file's stem
     interactions: str = ""  # csv/amazon-2018: interactions or reviews file name inside path
     items: str = ""  # csv/amazon-2018: item-text or metadata file name inside path
