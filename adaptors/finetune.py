@@ -52,17 +52,32 @@ BEST_CHECKPOINT = "best.pt"
 METRICS_FILE = "metrics.json"
 
 
-def window_tensor(sequences: list[np.ndarray], max_seq_len: int) -> torch.Tensor:
-    """All training windows of all users: ``(W, max_seq_len + 1) int64``, right-padded with 0.
+@dataclass(frozen=True)
+class TrainingWindows:
+    """A domain's training windows (:func:`sharding.windows.training_windows`) as tensors.
 
-    Input positions are ``[:, :-1]`` and their next-item targets ``[:, 1:]``; a target of 0
-    marks padding.
+    inputs: ``(W, L)`` int64, right-padded with 0; targets: ``(W, L)`` int64,
+    ``targets[w, j]`` follows ``inputs[w, :j+1]``; 0 = no query there (padding, or history
+    whose target an earlier window queries).
     """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+
+def window_tensor(sequences: list[np.ndarray], max_seq_len: int) -> TrainingWindows:
+    """All training windows of all users, each target a query once with its full history."""
     windows = [w for seq in sequences for w in training_windows(np.asarray(seq), max_seq_len)]
-    out = torch.zeros(len(windows), max_seq_len + 1, dtype=torch.long)
+    items = torch.zeros(len(windows), max_seq_len + 1, dtype=torch.long)
+    first_query = torch.zeros(len(windows), 1, dtype=torch.long)
     for row, window in enumerate(windows):
-        out[row, : len(window)] = torch.tensor(np.asarray(window, dtype=np.int64))
-    return out
+        items[row, : len(window.items)] = torch.tensor(np.asarray(window.items, dtype=np.int64))
+        first_query[row] = window.first_query
+    history_only = torch.arange(max_seq_len) < first_query  # (W, L)
+    return TrainingWindows(items[:, :-1], items[:, 1:].masked_fill(history_only, 0))
 
 
 def next_item_loss(
@@ -108,27 +123,26 @@ def epoch_batches(
 
 def train_epoch(
     model: SequenceRecommender,
-    windows: torch.Tensor,
+    windows: TrainingWindows,
     text_table: torch.Tensor,
     optimizer: torch.optim.Optimizer,
     cfg: FinetuneConfig,
     epoch: int,
 ) -> float:
-    """One pass over all training windows ``(W, L+1)``; returns the mean batch loss.
+    """One pass over all training windows; returns the mean batch loss.
     text_table: ``(N+1, D)`` on the training device."""
     model.train()
     device = text_table.device
     # Seeded by epoch, so a resumed run sees the same order as an uninterrupted one.
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    lengths = (windows[:, :-1] > 0).sum(dim=1)
+    lengths = (windows.inputs > 0).sum(dim=1)
     batches = epoch_batches(lengths, cfg.optim.batch_size, cfg.optim.bucket_by_length, generator)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     losses = []
     for batch in batches:
-        rows = windows[batch]
         length = int(lengths[batch].max())  # trim the padding the whole batch shares
-        inputs = rows[:, :length].to(device)
-        targets = rows[:, 1 : length + 1].to(device)
+        inputs = windows.inputs[batch, :length].to(device)
+        targets = windows.targets[batch, :length].to(device)
         loss = next_item_loss(model, inputs, targets, text_table, cfg.temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -154,8 +168,8 @@ def valid_metrics(
     return metrics_from_ranks(ranks, cfg.eval.ks)
 
 
-def load_windows(dataset: Dataset, domain: str, max_seq_len: int) -> torch.Tensor:
-    """The domain's training windows ``(W, max_seq_len + 1)``; refuses a domain with none."""
+def load_windows(dataset: Dataset, domain: str, max_seq_len: int) -> TrainingWindows:
+    """The domain's training windows; refuses a domain with none."""
     windows = window_tensor(list(dataset.split(domain, "train")["items"]), max_seq_len)
     if len(windows) == 0:
         raise ConfigError(f"data.domain: {domain!r} has no training sequence of two or more items")
@@ -374,7 +388,7 @@ class _LoopState:
 def fit(
     model: SequenceRecommender,
     optimizer: torch.optim.Optimizer,
-    windows: torch.Tensor,
+    windows: TrainingWindows,
     data: EvalData,
     cfg: FinetuneConfig,
     loop: _LoopState,

@@ -81,12 +81,13 @@ def next_item_targets(
     """Split a batch into all its next-item prediction problems at once.
 
     batch: ``items`` ``(B, T)`` long, right-padded with 0; ``lengths`` ``(B,)`` long, 0 for
-    filler rows. Input position t predicts item t+1, so every prefix of every sequence is a
-    query in one causal pass:
+    filler rows; ``first_query`` ``(B,)`` long (optional, default 0): input positions before
+    it are history only (see :func:`sharding.windows.training_windows`). Input position t
+    predicts item t+1, so every query of every window is answered in one causal pass:
 
-        items     [a b c d 0]   length 4
-        inputs    [a b c d]     positions 0..2 are queries
-        targets   [b c d 0]     query_mask [1 1 1 0]
+        items     [a b c d 0]   length 4, first_query 1
+        inputs    [a b c d]     positions 1..2 are queries
+        targets   [b c d 0]     query_mask [0 1 1 0]
 
     Returns ``items`` ``(B, T)`` with anything past a row's length zeroed, ``inputs``
     ``(B, T-1)``, ``targets`` ``(B, T-1)`` and ``query_mask`` ``(B, T-1)`` bool.
@@ -94,9 +95,13 @@ def next_item_targets(
     items, lengths = batch["items"], batch["lengths"]
     if items.shape[1] < 2:
         raise ValueError(f"items needs at least 2 columns (input + target), got {items.shape}")
+    first_query = batch.get("first_query")
+    if first_query is None:
+        first_query = torch.zeros_like(lengths)
     positions = torch.arange(items.shape[1], device=items.device)
     items = items.masked_fill(positions >= lengths.unsqueeze(1), 0)
-    query_mask = positions[:-1] < (lengths - 1).unsqueeze(1)
+    inputs_at = positions[:-1]
+    query_mask = (inputs_at < (lengths - 1).unsqueeze(1)) & (inputs_at >= first_query.unsqueeze(1))
     return items, items[:, :-1], items[:, 1:], query_mask
 
 

@@ -256,11 +256,31 @@ def test_a_tenant_cannot_take_another_tenants_or_a_backbones_model_name(store):
     assert not (store["root"] / "runs" / "thief" / "last.pt").exists(), "refused before training"
 
 
-def test_windows_cover_every_transition_once_and_pad_with_zeros():
+def test_windows_query_each_target_once_and_pad_with_zeros():
     windows = window_tensor(
-        [np.array([1, 2, 3, 4, 5, 6, 7]), np.array([8]), np.array([9, 10])], max_seq_len=3
+        [np.array([1, 2, 3, 4, 5, 6]), np.array([8]), np.array([9, 10])], max_seq_len=3
     )
-    assert windows.tolist() == [[1, 2, 3, 4], [4, 5, 6, 7], [9, 10, 0, 0]]
+    assert windows.inputs.tolist() == [[1, 2, 3], [2, 3, 4], [3, 4, 5], [9, 10, 0]]
+    assert windows.targets.tolist() == [[2, 3, 4], [0, 0, 5], [0, 0, 6], [10, 0, 0]]
+
+
+@pytest.mark.parametrize("max_seq_len", [1, 7, 50])
+def test_finetune_windows_query_every_target_once_with_exactly_its_history(max_seq_len):
+    """Property over random lengths 2..300: item ``1000 * user + t + 1`` is user's t-th."""
+    rng = np.random.default_rng(max_seq_len)
+    lengths = [2, 300, max_seq_len + 1, max_seq_len + 2, *rng.integers(2, 301, size=12)]
+    sequences = [1000 * u + np.arange(n) + 1 for u, n in enumerate(lengths)]
+    windows = window_tensor(sequences, max_seq_len)
+
+    seen: dict[tuple[int, int], list[int]] = {}
+    for w, j in (windows.targets > 0).nonzero().tolist():
+        user, t = divmod(int(windows.targets[w, j]) - 1, 1000)
+        assert (user, t) not in seen, f"target {t} of user {user} queried twice"
+        seen[user, t] = windows.inputs[w, : j + 1].tolist()
+    for user, seq in enumerate(sequences):
+        for t in range(1, len(seq)):
+            assert seen.pop((user, t)) == seq[max(0, t - max_seq_len) : t].tolist()
+    assert not seen
 
 
 @pytest.mark.parametrize("bucket", [False, True])
