@@ -2,11 +2,12 @@
 
 * sequence-item (L_si): a sequence prefix should score its next item above every other
   distinct item of the global batch;
-* sequence-sequence (L_ss): a sequence should score its own augmented view above the other
-  sequences' augmented views.
+* sequence-sequence (L_ss): the same query prefix should score its own augmented view
+  above the augmented views of all other query prefixes of the global batch (the other
+  prefixes of its own window are left out: they share its items).
 
 Both use cosine similarity over a temperature. ``loss = L_si + lam * L_ss``, each term a
-mean over the whole global batch, so 1 worker and N workers on the same global batch give
+mean over all query prefixes of the whole global batch, so 1 worker and N workers on the same global batch give
 the same loss and (after DDP/DeepSpeed's gradient averaging) the same gradients.
 """
 
@@ -55,24 +56,27 @@ def seq_item_loss(
 def seq_seq_loss(
     seq: torch.Tensor,
     aug: torch.Tensor,
-    valid: torch.Tensor,
+    window: torch.Tensor,
     temperature: float,
     gather: Gather,
 ) -> tuple[torch.Tensor, int]:
-    """InfoNCE of each sequence against all ranks' augmented views; its own view is positive.
+    """InfoNCE of each query prefix against all ranks' augmented prefix views.
 
-    seq, aug: ``(B, H)`` with the same B on every rank (the gather needs equal shapes);
-    valid: ``(B,)`` bool, False for filler rows, which are neither queries nor keys.
-    Returns (sum of the per-sequence cross-entropies, scalar with grad; valid count).
+    seq, aug: ``(Q, H)``, query prefix i and its augmented view (Q may differ per rank);
+    window: ``(Q,)`` long, a global-batch-wide id of the window each prefix comes from. Query
+    i's positive is its own view; every other rank's and window's view is a negative; the
+    other prefixes of its own window are not keys. Returns (sum of the Q cross-entropies,
+    scalar with grad; Q).
     """
-    b = seq.shape[0]
-    all_aug = gather.all_gather(F.normalize(aug, dim=-1))  # (world * B, H)
-    key_valid = gather.all_gather(valid)
-    own = gather.rank * b + torch.arange(b, device=seq.device)
-    # Filler query rows are dropped before the softmax: their own key is masked out.
-    q = F.normalize(seq[valid], dim=-1)
-    logits = (q @ all_aug.T / temperature).masked_fill(~key_valid, float("-inf"))
-    return F.cross_entropy(logits, own[valid], reduction="sum"), int(q.shape[0])
+    q = F.normalize(seq, dim=-1)
+    all_aug, valid = gather.all_gather_ragged(F.normalize(aug, dim=-1))  # (world * Q_max, H)
+    all_window, _ = gather.all_gather_ragged(window)
+    q_max = all_aug.shape[0] // gather.world_size
+    own = gather.rank * q_max + torch.arange(q.shape[0], device=q.device)  # (Q,)
+    keys = torch.arange(all_aug.shape[0], device=q.device)
+    sibling = (window.unsqueeze(1) == all_window.unsqueeze(0)) & (own.unsqueeze(1) != keys)
+    logits = (q @ all_aug.T / temperature).masked_fill(sibling | ~valid, float("-inf"))
+    return F.cross_entropy(logits, own, reduction="sum"), int(q.shape[0])
 
 
 def next_item_targets(
@@ -150,7 +154,8 @@ def pretrain_loss(
     model: called as a module (a DeepSpeed engine works too: ZeRO-3 gathers its partitioned
     parameters in the module hooks). batch: ``items`` ``(B, T)`` long global item indexes
     right-padded with 0 (T may be ``max_seq_len + 1``: the last column is only ever a
-    target), ``lengths`` ``(B,)`` long (0 for filler rows), ``sample_id`` ``(B,)`` long.
+    target), ``lengths`` ``(B,)`` long (0 for filler rows), ``first_query`` ``(B,)`` long
+    (optional; see :func:`next_item_targets`), ``sample_id`` ``(B,)`` long.
     text_table, worddrop_table: ``(N+1, D)`` float32 text vectors of each item's text and of
     its word-dropped text. B must be equal on every rank. See :func:`global_mean_loss` for
     the returned dict.
@@ -171,17 +176,21 @@ def pretrain_loss(
         gather,
     )
 
-    aug_items, aug_lengths, use_worddrop = augment(
+    # One augmented pass over whole windows; prefix t's view is the augmented row's output
+    # at cumsum(keep)[t] - 1 (word drop keeps every item: position t).
+    aug_items, _, use_worddrop, keep = augment(
         inputs, input_lengths, batch["sample_id"], step, seed,
         item_drop_prob=loss.item_drop_batch_prob,
         keep_prob=loss.item_keep_prob,
         word_drop_pos_prob=loss.word_drop_position_prob,
     )  # fmt: skip
     aug_outputs = model(aug_items, text_table, worddrop_table, use_worddrop).outputs
+    rows, cols = query_mask.nonzero(as_tuple=True)
+    view_at = keep.long().cumsum(dim=1) - 1  # (B, T-1)
     ss_sum, ss_count = seq_seq_loss(
-        SequenceRecommender.last(outputs, input_lengths),
-        SequenceRecommender.last(aug_outputs, aug_lengths),
-        input_lengths > 0,
+        outputs[rows, cols],
+        aug_outputs[rows, view_at[rows, cols]],
+        gather.rank * items.shape[0] + rows,
         loss.temperature,
         gather,
     )
