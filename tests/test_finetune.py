@@ -20,7 +20,13 @@ from mlflow.tracking import MlflowClient
 from adaptors.bundle import load_bundle
 from adaptors.commands import register_commands
 from adaptors.config import FinetuneConfig
-from adaptors.finetune import epoch_batches, next_item_loss, run_finetune, window_tensor
+from adaptors.finetune import (
+    epoch_batches,
+    next_item_loss,
+    run_finetune,
+    train_epoch,
+    window_tensor,
+)
 from adaptors.rescore import evaluate_registered
 from pretrain.model import BackboneConfig, UniSRec
 from pretrain.registry import register_backbone
@@ -310,7 +316,7 @@ def test_next_item_loss_is_cross_entropy_of_cosine_logits_over_all_items_at_targ
     table = torch.nn.functional.pad(torch.randn(6, 8), (0, 0, 1, 0))
     inputs = torch.tensor([[1, 2, 3], [4, 0, 0]])
     targets = torch.tensor([[2, 3, 5], [0, 0, 0]])  # user 2 has no target: nothing to learn
-    loss = next_item_loss(model, inputs, targets, table, temperature=0.5)
+    loss, count = next_item_loss(model, inputs, targets, table, temperature=0.5)
 
     with torch.no_grad():
         items = torch.nn.functional.normalize(
@@ -320,8 +326,76 @@ def test_next_item_loss_is_cross_entropy_of_cosine_logits_over_all_items_at_targ
         logits = seq @ items.T / 0.5  # (3 positions, 6 items)
         expected = -torch.log_softmax(logits, dim=-1)[
             torch.arange(3), torch.tensor([1, 2, 4])
-        ].mean()
+        ].sum()
+    assert count == 3
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+class GradientRecorder(torch.optim.Optimizer):
+    """Records every step's gradient (all parameters, flattened) and moves nothing."""
+
+    def __init__(self, params):
+        super().__init__(list(params), {})
+        self.steps: list[torch.Tensor] = []
+
+    def step(self, closure=None):
+        self.steps.append(flat_grad(p for group in self.param_groups for p in group["params"]))
+
+
+def flat_grad(params) -> torch.Tensor:
+    return torch.cat(
+        [torch.zeros(p.numel()) if p.grad is None else p.grad.flatten() for p in params]
+    )
+
+
+@pytest.mark.parametrize("bucket", [False, True], ids=["random", "bucketed"])
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_every_finetune_target_has_the_same_gradient_weight_in_any_batch(bucket, batch_size):
+    """A window with 1 target and one with 5: each target's cross-entropy gradient must enter
+    the step with the same weight, whichever batch holds it."""
+    torch.manual_seed(0)
+    quiet = {"dropout": 0.0, "attn_dropout": 0.0, "adaptor_dropout": 0.0}
+    model = UniSRec(from_dict(BackboneConfig, {**TINY, **quiet, "max_seq_len": 5}), 8)
+    model.eval()  # no gate noise for the reference; train_epoch switches to train mode
+    params = list(model.parameters())
+    table = torch.nn.functional.pad(torch.randn(9, 8), (0, 0, 1, 0))
+    windows = window_tensor([np.array([1, 2]), np.array([3, 4, 5, 6, 7, 8])], max_seq_len=5)
+    assert (windows.targets > 0).sum(dim=1).tolist() == [1, 5]
+
+    per_window = []  # gradient of each window's summed cross-entropies, by hand
+    for w in range(2):
+        model.zero_grad()
+        outputs = model(windows.inputs[w : w + 1], table).outputs[0]
+        items = model.item_vectors(table[1:], torch.arange(1, 10))
+        logits = (
+            torch.nn.functional.normalize(outputs, dim=-1)
+            @ torch.nn.functional.normalize(items, dim=-1).T
+            / 0.07
+        )
+        has = windows.targets[w] > 0
+        ce = torch.nn.functional.cross_entropy(
+            logits[has], windows.targets[w][has] - 1, reduction="sum"
+        )
+        ce.backward()
+        per_window.append(flat_grad(params))
+    weight = 1.0 / (batch_size * 3)  # batch_size windows x 3 targets per window on average
+
+    cfg = from_dict(
+        FinetuneConfig, {"optim": {"batch_size": batch_size, "bucket_by_length": bucket}}
+    )
+    recorder = GradientRecorder(params)
+    model.adaptor.noise = False  # train mode, still deterministic
+    train_epoch(model, windows, table, recorder, cfg, epoch=0)
+    if batch_size == 1:
+        assert len(recorder.steps) == 2
+        for step in recorder.steps:
+            assert any(
+                torch.allclose(step, weight * g, rtol=1e-3, atol=1e-4) for g in per_window
+            ), "a window's targets got another weight than the others'"
+    else:
+        torch.testing.assert_close(
+            recorder.steps[0], weight * (per_window[0] + per_window[1]), rtol=1e-3, atol=1e-4
+        )
 
 
 def test_finetune_command_reads_yaml_and_overrides_and_prints_the_summary(store, tmp_path, capsys):
