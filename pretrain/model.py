@@ -332,8 +332,10 @@ class UniSRec(SequenceRecommender):
         return F.normalize(queries, dim=-1) @ F.normalize(vectors, dim=-1).T / temperature
 
     def tuned_parameters(self) -> Iterator[nn.Parameter]:
-        """The MoE adaptor and, if transductive, the item ID embedding."""
+        """The MoE adaptor, the encoder's input LayerNorm and, if transductive, the item ID
+        embedding: the official code freezes only the Transformer blocks and the positions."""
         yield from self.adaptor.parameters()
+        yield from self.encoder.norm.parameters()
         if self.item_ids is not None:
             yield from self.item_ids.parameters()
 

@@ -99,12 +99,15 @@ def test_inductive_finetune_leaves_backbone_bit_identical_and_changes_adaptor(st
     assert summary["best_epoch"] >= 1, "no epoch improved on the initial state"
     original = store["backbone"].state_dict()
     for name, value in original.items():
-        if name.startswith("encoder."):
+        if name.startswith("encoder.") and not name.startswith("encoder.norm."):
             assert torch.equal(trained[name], value), f"frozen {name} changed"
     changed = [
-        n for n in original if n.startswith("adaptor.") and not torch.equal(trained[n], original[n])
+        n
+        for n in original
+        if n.startswith(("adaptor.", "encoder.norm.")) and not torch.equal(trained[n], original[n])
     ]
-    assert changed, "the adaptor did not train"
+    assert any(n.startswith("adaptor.") for n in changed), "the adaptor did not train"
+    assert any(n.startswith("encoder.norm.") for n in changed), "the input norm did not train"
 
 
 def test_transductive_trains_id_embeddings_and_not_the_backbone(store):
@@ -113,7 +116,7 @@ def test_transductive_trains_id_embeddings_and_not_the_backbone(store):
     assert trained["item_ids.weight"].shape == (31, 16)
     assert trained["item_ids.weight"][1:].abs().sum() > 0
     for name, value in store["backbone"].state_dict().items():
-        if name.startswith("encoder."):
+        if name.startswith("encoder.") and not name.startswith("encoder.norm."):
             assert torch.equal(trained[name], value)
     model, spec = load_bundle(Path(summary["output_dir"]) / "adaptor")
     assert spec.mode == "transductive" and not spec.trains_everything
@@ -138,7 +141,10 @@ def test_adaptor_is_registered_small_with_lineage_tags_and_latest_alias(store):
         == json.loads((store["data"] / "manifest.json").read_text())["digest"]
     )
     stored = torch.load(Path(summary["output_dir"]) / "adaptor" / "trained.pt", weights_only=True)
-    assert stored and all(k.startswith("adaptor.") for k in stored), "the backbone was copied"
+    assert stored and all(k.startswith(("adaptor.", "encoder.norm.")) for k in stored), (
+        "the backbone was copied"
+    )
+    assert {"encoder.norm.weight", "encoder.norm.bias"} <= set(stored)
 
 
 def test_metrics_json_has_both_splits_popularity_groups_and_run_facts(store):
