@@ -114,22 +114,23 @@ def global_mean_loss(
     si_count: int,
     ss_sum: torch.Tensor,
     ss_count: int,
-    lam: float,
+    ss_weight: float,
     gather: Gather,
 ) -> dict[str, torch.Tensor | float | int]:
     """Turn this rank's loss sums into its share of the global-mean loss.
 
     DDP and DeepSpeed average gradients over ranks, so each rank's loss is scaled by the world
     size: the averaged gradient is then the one-process gradient of
-    ``mean(L_si) + lam * mean(L_ss)`` over the global batch.
-    Returns ``loss`` (scalar to backprop) and the global means ``seq_item``, ``seq_seq`` and
-    query count ``queries`` for logging.
+    ``mean(L_si) + ss_weight * mean(L_ss)`` over the global batch
+    (:attr:`LossConfig.seq_seq_weight`). Returns ``loss`` (scalar to backprop) and the global
+    means ``seq_item``, ``seq_seq`` (0 for a term switched off) and query count ``queries``
+    for logging.
     """
     sums = torch.stack([si_sum.detach(), ss_sum.detach()]).double()
     counts = torch.tensor([si_count, ss_count], dtype=torch.float64, device=sums.device)
     totals = gather.all_reduce_sum(torch.cat([sums, counts]))  # one collective for all four
     si_total, ss_total = max(float(totals[2]), 1.0), max(float(totals[3]), 1.0)
-    loss = (si_sum / si_total + lam * ss_sum / ss_total) * gather.world_size
+    loss = (si_sum / si_total + ss_weight * ss_sum / ss_total) * gather.world_size
     return {
         "loss": loss,
         "seq_item": float(totals[0]) / si_total,
@@ -166,35 +167,40 @@ def pretrain_loss(
     # The adaptor runs once per distinct item; its outputs are both inputs and candidates.
     encoded = model(items, text_table, last_is_target=True)
     outputs = encoded.outputs  # (B, T-1, H)
-    real = encoded.item_ids != 0
-    si_sum, si_count = seq_item_loss(
-        outputs[query_mask],
-        targets[query_mask],
-        encoded.item_vectors[real],
-        encoded.item_ids[real],
-        loss.temperature,
-        gather,
-    )
+    # A term switched off (the paper's ablations) is not computed: sum 0 over the queries.
+    queries = int(query_mask.sum())
+    si_sum, si_count = ss_sum, ss_count = outputs.new_zeros(()), queries
+    if loss.seq_item:
+        real = encoded.item_ids != 0
+        si_sum, si_count = seq_item_loss(
+            outputs[query_mask],
+            targets[query_mask],
+            encoded.item_vectors[real],
+            encoded.item_ids[real],
+            loss.temperature,
+            gather,
+        )
 
-    # One augmented pass over whole windows; prefix t's view is the augmented row's output
-    # at cumsum(keep)[t] - 1 (word drop keeps every item: position t).
-    aug_items, _, use_worddrop, keep = augment(
-        inputs, input_lengths, batch["sample_id"], step, seed,
-        item_drop_prob=loss.item_drop_batch_prob,
-        keep_prob=loss.item_keep_prob,
-        word_drop_pos_prob=loss.word_drop_position_prob,
-    )  # fmt: skip
-    aug_outputs = model(aug_items, text_table, worddrop_table, use_worddrop).outputs
-    rows, cols = query_mask.nonzero(as_tuple=True)
-    view_at = keep.long().cumsum(dim=1) - 1  # (B, T-1)
-    ss_sum, ss_count = seq_seq_loss(
-        outputs[rows, cols],
-        aug_outputs[rows, view_at[rows, cols]],
-        gather.rank * items.shape[0] + rows,
-        loss.temperature,
-        gather,
-    )
-    return global_mean_loss(si_sum, si_count, ss_sum, ss_count, loss.lam, gather)
+    if loss.seq_seq:
+        # One augmented pass over whole windows; prefix t's view is the augmented row's
+        # output at cumsum(keep)[t] - 1 (word drop keeps every item: position t).
+        aug_items, _, use_worddrop, keep = augment(
+            inputs, input_lengths, batch["sample_id"], step, seed,
+            item_drop_prob=loss.item_drop_batch_prob,
+            keep_prob=loss.item_keep_prob,
+            word_drop_pos_prob=loss.word_drop_position_prob,
+        )  # fmt: skip
+        aug_outputs = model(aug_items, text_table, worddrop_table, use_worddrop).outputs
+        rows, cols = query_mask.nonzero(as_tuple=True)
+        view_at = keep.long().cumsum(dim=1) - 1  # (B, T-1)
+        ss_sum, ss_count = seq_seq_loss(
+            outputs[rows, cols],
+            aug_outputs[rows, view_at[rows, cols]],
+            gather.rank * items.shape[0] + rows,
+            loss.temperature,
+            gather,
+        )
+    return global_mean_loss(si_sum, si_count, ss_sum, ss_count, loss.seq_seq_weight, gather)
 
 
 def _first_occurrence(ids: torch.Tensor) -> torch.Tensor:

@@ -70,7 +70,12 @@ def naive_pretrain_loss(
         loss.temperature,
         gather,
     )
-    return global_mean_loss(si_sum, si_count, ss_sum, ss_count, loss.lam, gather)
+    # The ablation switches: a term switched off counts 0 (efficient code skips computing it).
+    if not loss.seq_item:
+        si_sum = si_sum.new_zeros(())
+    if not loss.seq_seq:
+        ss_sum = ss_sum.new_zeros(())
+    return global_mean_loss(si_sum, si_count, ss_sum, ss_count, loss.seq_seq_weight, gather)
 
 
 def _encode_every_position(

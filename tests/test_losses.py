@@ -216,6 +216,51 @@ def test_seq_seq_loss_treats_every_query_prefix_as_if_augmented_on_its_own(
     assert out["seq_seq"] == pytest.approx(expected / len(queries), rel=1e-5)
 
 
+# ---- ablation switches: loss.seq_item / loss.seq_seq ------------------------------------
+
+
+def losses_and_grads(model, tables, loss: LossConfig) -> tuple[dict, list[torch.Tensor]]:
+    table, dropped = tables
+    batch = make_batch([[3, 5, 3, 5, 8, 1, 2], [7, 5, 2], [], [4, 6]])
+    model.zero_grad()
+    out = pretrain_loss(model, batch, table, dropped, loss, step=1, seed=5, gather=SINGLE)
+    out["loss"].backward()
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+    return out, grads
+
+
+def test_without_seq_seq_the_loss_is_exactly_the_seq_item_term(model, tables):
+    both, _ = losses_and_grads(model, tables, LossConfig(lam=0.5))
+    only_si, grads = losses_and_grads(model, tables, LossConfig(lam=0.5, seq_seq=False))
+    _, lam0_grads = losses_and_grads(model, tables, LossConfig(lam=0.0))
+    assert only_si["seq_item"] == both["seq_item"]
+    assert only_si["loss"].item() == pytest.approx(only_si["seq_item"], rel=1e-7)
+    assert only_si["seq_seq"] == 0.0 and only_si["queries"] == both["queries"] == 9
+    for a, b in zip(grads, lam0_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("item_drop_prob", [1.0, 0.0], ids=["item-drop", "word-drop"])
+def test_without_seq_item_the_loss_is_exactly_the_seq_seq_term(model, tables, item_drop_prob):
+    on = dict(lam=0.5, item_drop_batch_prob=item_drop_prob)
+    both, _ = losses_and_grads(model, tables, LossConfig(**on))
+    only_ss, _ = losses_and_grads(model, tables, LossConfig(**on, seq_item=False))
+    assert only_ss["loss"].item() == pytest.approx(only_ss["seq_seq"], rel=1e-6)
+    assert only_ss["seq_seq"] == pytest.approx(both["seq_seq"], rel=1e-6)
+    assert only_ss["seq_item"] == 0.0 and only_ss["queries"] == 9
+
+
+def test_both_losses_off_is_a_config_error():
+    from pretrain.config import PretrainConfig
+    from unisrec.config import from_dict
+    from unisrec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="loss.seq_item, seq_seq"):
+        from_dict(PretrainConfig, {"loss": {"seq_item": False, "seq_seq": False}})
+    assert from_dict(PretrainConfig, {"loss": {"seq_seq": False}}).loss.seq_seq_weight == 0.0
+    assert from_dict(PretrainConfig, {"loss": {"seq_item": False}}).loss.seq_seq_weight == 1.0
+
+
 # ---- augmentation -------------------------------------------------------------------------
 
 
