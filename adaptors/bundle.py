@@ -3,8 +3,9 @@
 An adaptor *bundle* is a directory of two files (format in docs/data-format.md)::
 
     spec.json     AdaptorSpec: how to rebuild the model skeleton, and its lineage
-    trained.pt    state dict of the trained parameters only: the MoE adaptor (+ item ID
-                  embeddings, transductive); everything when the whole model was trained
+    trained.pt    state dict of the trained parameters only: the MoE adaptor and the encoder's
+                  input LayerNorm (+ item ID embeddings, transductive); everything when the
+                  whole model was trained
 
 so a registered adaptor stays small: the frozen backbone is not copied, it is loaded by its
 lineage (``models:/<backbone_name>/<backbone_version>``) and the bundle applied on top.
@@ -97,12 +98,13 @@ def build_model(spec: AdaptorSpec, backbone: UniSRec | None = None) -> SequenceR
 
 
 def trained_state(model: SequenceRecommender, spec: AdaptorSpec) -> dict[str, torch.Tensor]:
-    """The parameters a bundle stores: all of them, or only the adaptor's (+ ID embeddings)."""
+    """The parameters a bundle stores: all of them, or only
+    :meth:`SequenceRecommender.tuned_parameters` (adaptor, input LayerNorm, ID embeddings)."""
     state = model.state_dict()
-    if spec.trains_everything:
-        return {k: v.detach().cpu().clone() for k, v in state.items()}
-    keep = ("adaptor.", "item_ids.")
-    return {k: v.detach().cpu().clone() for k, v in state.items() if k.startswith(keep)}
+    if not spec.trains_everything:
+        tuned = {id(p) for p in model.tuned_parameters()}
+        state = {n: p for n, p in model.named_parameters() if id(p) in tuned}
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 def write_bundle(directory: Path, spec: AdaptorSpec, state: dict[str, torch.Tensor]) -> Path:

@@ -8,8 +8,10 @@ What trains, by ``baseline`` / ``backbone`` / ``mode`` / ``full_finetune``:
 ===========  ===========  =============  ==============  ====================================
 baseline     backbone     mode           full_finetune   trained parameters
 ===========  ===========  =============  ==============  ====================================
-unisrec      models:/...  inductive      false           MoE adaptor (backbone frozen)
-unisrec      models:/...  transductive   false           MoE adaptor + item ID embeddings
+unisrec      models:/...  inductive      false           MoE adaptor + the encoder's input
+                                                         LayerNorm (Transformer blocks and
+                                                         positions frozen, as the official)
+unisrec      models:/...  transductive   false           the same + item ID embeddings
 unisrec      models:/...  either         true            everything
 unisrec      none         either         (ignored)       everything: UniSRec from scratch,
                                                          the paper's "from scratch" rows

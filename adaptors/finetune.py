@@ -8,8 +8,8 @@
 2. load the domain: text vectors, training windows, valid and test splits
 3. build the model: pull the backbone (its encoder checked against the data) or start from
    scratch; freeze everything that does not train (see adaptors/config.py for the table)
-4. train: every window's prefixes in one causal pass, cross-entropy over all N items of the
-   domain; each epoch rank the valid users, keep the best state, stop after ``patience``
+4. train: every window's query prefixes in one causal pass, cross-entropy over all N items
+   of the domain, every target with the same weight; each epoch rank the valid users, keep the best state, stop after ``patience``
    epochs without a better valid ``stop_metric``; ``last.pt`` lets a stopped run continue
 5. best state -> valid/test metrics (+ test by target popularity) -> metrics.json and MLflow
 6. write the adaptor bundle and catalogue; register the adaptor with lineage tags
@@ -52,17 +52,32 @@ BEST_CHECKPOINT = "best.pt"
 METRICS_FILE = "metrics.json"
 
 
-def window_tensor(sequences: list[np.ndarray], max_seq_len: int) -> torch.Tensor:
-    """All training windows of all users: ``(W, max_seq_len + 1) int64``, right-padded with 0.
+@dataclass(frozen=True)
+class TrainingWindows:
+    """A domain's training windows (:func:`sharding.windows.training_windows`) as tensors.
 
-    Input positions are ``[:, :-1]`` and their next-item targets ``[:, 1:]``; a target of 0
-    marks padding.
+    inputs: ``(W, L)`` int64, right-padded with 0; targets: ``(W, L)`` int64,
+    ``targets[w, j]`` follows ``inputs[w, :j+1]``; 0 = no query there (padding, or history
+    whose target an earlier window queries).
     """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+
+def window_tensor(sequences: list[np.ndarray], max_seq_len: int) -> TrainingWindows:
+    """All training windows of all users, each target a query once with its full history."""
     windows = [w for seq in sequences for w in training_windows(np.asarray(seq), max_seq_len)]
-    out = torch.zeros(len(windows), max_seq_len + 1, dtype=torch.long)
+    items = torch.zeros(len(windows), max_seq_len + 1, dtype=torch.long)
+    first_query = torch.zeros(len(windows), 1, dtype=torch.long)
     for row, window in enumerate(windows):
-        out[row, : len(window)] = torch.tensor(np.asarray(window, dtype=np.int64))
-    return out
+        items[row, : len(window.items)] = torch.tensor(np.asarray(window.items, dtype=np.int64))
+        first_query[row] = window.first_query
+    history_only = torch.arange(max_seq_len) < first_query  # (W, L)
+    return TrainingWindows(items[:, :-1], items[:, 1:].masked_fill(history_only, 0))
 
 
 def next_item_loss(
@@ -71,11 +86,12 @@ def next_item_loss(
     targets: torch.Tensor,
     text_table: torch.Tensor,
     temperature: float,
-) -> torch.Tensor:
-    """Cross-entropy of every position's next item over all N items of the domain.
+) -> tuple[torch.Tensor, int]:
+    """Cross-entropy of every query's next item over all N items of the domain.
 
     inputs: ``(B, T)`` long, right-padded with 0; targets: ``(B, T)`` long, ``targets[b, t]``
-    follows ``inputs[b, :t+1]``, 0 = no target (padding). text_table: ``(N+1, D)``.
+    follows ``inputs[b, :t+1]``, 0 = no query there. text_table: ``(N+1, D)``.
+    Returns (the sum of the P cross-entropies, scalar with grad; P).
 
     The adaptor runs once per step over all N items (with gradients); inputs and candidates
     both read those vectors, so an item has one dropout/gate-noise sample per step.
@@ -84,7 +100,7 @@ def next_item_loss(
     outputs = model.encode(inputs, items)  # (B, T, H)
     has_target = targets > 0
     logits = model.score(outputs[has_target], items[1:], temperature)  # (P, N)
-    return F.cross_entropy(logits, targets[has_target] - 1)
+    return F.cross_entropy(logits, targets[has_target] - 1, reduction="sum"), int(logits.shape[0])
 
 
 def epoch_batches(
@@ -108,35 +124,43 @@ def epoch_batches(
 
 def train_epoch(
     model: SequenceRecommender,
-    windows: torch.Tensor,
+    windows: TrainingWindows,
     text_table: torch.Tensor,
     optimizer: torch.optim.Optimizer,
     cfg: FinetuneConfig,
     epoch: int,
 ) -> float:
-    """One pass over all training windows ``(W, L+1)``; returns the mean batch loss.
-    text_table: ``(N+1, D)`` on the training device."""
+    """One pass over all training windows; returns the epoch's mean loss per target.
+    text_table: ``(N+1, D)`` on the training device.
+
+    Every target weighs the same in every step: a step's loss is its sum of cross-entropies
+    over ``batch_size x`` the domain's mean targets per window, a constant, not over its own
+    (variable) target count. A random full batch holds that many targets on average, so the
+    average step is the per-batch mean of before and the learning rate keeps its meaning;
+    length-bucketed batches of short windows simply weigh less, as their targets are fewer.
+    """
     model.train()
     device = text_table.device
     # Seeded by epoch, so a resumed run sees the same order as an uninterrupted one.
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    lengths = (windows[:, :-1] > 0).sum(dim=1)
+    lengths = (windows.inputs > 0).sum(dim=1)
     batches = epoch_batches(lengths, cfg.optim.batch_size, cfg.optim.bucket_by_length, generator)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    losses = []
+    normaliser = cfg.optim.batch_size * float((windows.targets > 0).sum()) / len(windows)
+    total, count = 0.0, 0
     for batch in batches:
-        rows = windows[batch]
         length = int(lengths[batch].max())  # trim the padding the whole batch shares
-        inputs = rows[:, :length].to(device)
-        targets = rows[:, 1 : length + 1].to(device)
-        loss = next_item_loss(model, inputs, targets, text_table, cfg.temperature)
+        inputs = windows.inputs[batch, :length].to(device)
+        targets = windows.targets[batch, :length].to(device)
+        loss_sum, queries = next_item_loss(model, inputs, targets, text_table, cfg.temperature)
+        loss = loss_sum / normaliser
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optim.grad_clip > 0:
             nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         optimizer.step()
-        losses.append(loss.item())
-    return float(np.mean(losses))
+        total, count = total + loss_sum.item(), count + queries
+    return total / max(count, 1)
 
 
 def valid_metrics(
@@ -154,8 +178,8 @@ def valid_metrics(
     return metrics_from_ranks(ranks, cfg.eval.ks)
 
 
-def load_windows(dataset: Dataset, domain: str, max_seq_len: int) -> torch.Tensor:
-    """The domain's training windows ``(W, max_seq_len + 1)``; refuses a domain with none."""
+def load_windows(dataset: Dataset, domain: str, max_seq_len: int) -> TrainingWindows:
+    """The domain's training windows; refuses a domain with none."""
     windows = window_tensor(list(dataset.split(domain, "train")["items"]), max_seq_len)
     if len(windows) == 0:
         raise ConfigError(f"data.domain: {domain!r} has no training sequence of two or more items")
@@ -374,7 +398,7 @@ class _LoopState:
 def fit(
     model: SequenceRecommender,
     optimizer: torch.optim.Optimizer,
-    windows: torch.Tensor,
+    windows: TrainingWindows,
     data: EvalData,
     cfg: FinetuneConfig,
     loop: _LoopState,

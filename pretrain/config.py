@@ -26,6 +26,21 @@ class LossConfig:
     item_drop_batch_prob: float = 0.9  # per batch: item drop with this p, else word drop
     item_keep_prob: float = 0.8  # item drop keeps each item (always the first) with this p
     word_drop_position_prob: float = 0.2  # word drop: a position takes its word-drop vector
+    seq_item: bool = True  # false: L = L_seq-seq alone (lam unused), the paper's "w/o S-I"
+    seq_seq: bool = True  # false: L = L_seq-item alone, no augmented pass ("w/o S-S")
+
+    def validate(self) -> None:
+        if not (self.seq_item or self.seq_seq):
+            raise ConfigError("seq_item, seq_seq: switch at most one of the two losses off")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature: must be positive, got {self.temperature}")
+
+    @property
+    def seq_seq_weight(self) -> float:
+        """The weight of mean L_seq-seq in the loss: lam, 1 without L_seq-item, 0 if off."""
+        if not self.seq_seq:
+            return 0.0
+        return self.lam if self.seq_item else 1.0
 
 
 @dataclass

@@ -144,7 +144,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             done = state["step"] >= total_steps
             if state["step"] % cfg.log_every == 0 or done:
                 metrics = {
-                    **meter.report(cfg.loss.lam),
+                    **meter.report(cfg.loss.seq_seq_weight),
                     "lr": scheduler.get_last_lr()[0],
                     "samples_seen": state["samples_seen"],
                     "epoch": state["epoch"],
@@ -179,11 +179,11 @@ class _WindowMeter:
         self.seq_item += seq_item
         self.seq_seq += seq_seq
 
-    def report(self, lam: float) -> dict[str, float]:
+    def report(self, ss_weight: float) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         steps = max(self.steps, 1)
         out = {
-            "loss": (self.seq_item + lam * self.seq_seq) / steps,
+            "loss": (self.seq_item + ss_weight * self.seq_seq) / steps,
             "loss_seq_item": self.seq_item / steps,
             "loss_seq_seq": self.seq_seq / steps,
             "sequences_per_second": self.sequences / elapsed,

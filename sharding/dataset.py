@@ -130,12 +130,21 @@ class Dataset:
     def shard_specs(self, base: str | None = None):
         """Pretraining shards as :class:`sharding.stream.ShardSpec`, under ``base`` (default:
         this directory's ``shards/``; a URL or ``pipe:`` prefix reads them from elsewhere)."""
+        from sharding.pretrain_shards import SAMPLE_VERSION
         from sharding.stream import ShardSpec
 
         shards = self.manifest.get("shards")
         if not shards or not shards["files"]:
             raise DataError(
                 "no pretraining shards (no domain has pretrain: true)", file=self.root / MANIFEST
+            )
+        version = shards.get("sample_version", 1)
+        if version != SAMPLE_VERSION:
+            raise DataError(
+                f"pretraining shard samples are version {version}, this reader reads "
+                f"{SAMPLE_VERSION} (windows with first_query); run `unisrec shard` again",
+                file=self.root / MANIFEST,
+                field="shards.sample_version",
             )
         prefix = base.rstrip("/") if base else str(self.root / shards["dir"])
         return [ShardSpec(f"{prefix}/{f['name']}", f["num_samples"]) for f in shards["files"]]

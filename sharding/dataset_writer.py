@@ -20,7 +20,7 @@ import pandas as pd
 from sharding.atomic import replace_directory, sha256_file
 from sharding.config import ShardJobConfig
 from sharding.dataset import FORMAT_VERSION, MANIFEST
-from sharding.pretrain_shards import pretraining_samples, write_shards
+from sharding.pretrain_shards import SAMPLE_VERSION, pretraining_samples, write_shards
 from sharding.processing import leave_one_out
 from sharding.types import DomainSequences
 from unisrec.config import to_dict
@@ -102,6 +102,7 @@ def _write_into(
         records = write_shards(samples, root / "shards", cfg.shards.num_shards, cfg.shards.seed)
         shards = {
             "dir": "shards",
+            "sample_version": SAMPLE_VERSION,
             "max_seq_len": max_seq_len,
             "num_samples": sum(r["num_samples"] for r in records),
             "domains": [name for name, *_ in pretrain_inputs],
