@@ -19,8 +19,8 @@ Two deployments:
 Everything binds to 127.0.0.1.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: FastAPI reads the route handlers' annotations
+# (``request: Request``) at run time, and Request is imported inside build_app.
 import asyncio
 import json
 import time

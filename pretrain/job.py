@@ -15,7 +15,6 @@ import logging
 import time
 from pathlib import Path
 
-
 from pretrain.config import PretrainConfig
 from sharding.dataset import Dataset, log_mlflow_input
 from unisrec import tags
