@@ -178,9 +178,13 @@ def log_mlflow_input(dataset: Dataset, context: str, domains: list[str] | None =
     ]
     label = "shards" if domains is None else "-".join(names)
     # Integer counts: MLflow's "integer columns cannot hold missing values" hint does not
-    # apply; it is raised both when the dataset is made and when its schema is logged.
+    # apply (it is raised both when the dataset is made and when its schema is logged), and
+    # a local directory as the source is a local artifact source whichever way MLflow reads it.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message=".*interpreted in multiple ways", category=UserWarning
+        )
         source = mlflow.data.from_pandas(
             pd.DataFrame(rows),
             source=str(dataset.root),
