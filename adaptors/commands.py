@@ -127,6 +127,8 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import sys
     import time
 
     from adaptors.endpoint import EndpointConfig, start
@@ -140,6 +142,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
     )
     url = start(cfg)
+    # `kill PID` (as a process supervisor stops it) also shuts the application down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(
         f"serving {', '.join(cfg.tenants)} ({cfg.alias}) at {url}/recommend/<tenant>; "
         "Ctrl-C stops it.",

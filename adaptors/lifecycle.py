@@ -204,12 +204,7 @@ def model_rows(tenant: str | None = None) -> list[dict[str, str]]:
                     "test_recall@10": _fmt(metrics.get("test_recall_at_10")),
                     "extends": tags.get(T.EXTENDS_VERSION, ""),
                     "added_items": tags.get(T.ADDED_ITEMS, ""),
-                    "promoted": (
-                        f"{tags[T.PROMOTED_AT]} by {tags.get(T.PROMOTED_BY, '?')} "
-                        f"(was v{tags.get(T.PROMOTED_FROM, 'none')})"
-                        if T.PROMOTED_AT in tags
-                        else ""
-                    ),
+                    "promoted": _promotion(tags),
                 }
             )
     return rows
@@ -241,6 +236,14 @@ def format_rows(rows: list[dict[str, str]]) -> str:
     lines = ["  ".join(h.ljust(widths[k]) for k, h in columns).rstrip()]
     lines += ["  ".join(str(r[k]).ljust(widths[k]) for k, _ in columns).rstrip() for r in table]
     return "\n".join(lines)
+
+
+def _promotion(tags: dict[str, str]) -> str:
+    if T.PROMOTED_AT not in tags:
+        return ""
+    before = tags.get(T.PROMOTED_FROM, "none")
+    replaced = f"replaced v{before}" if before != "none" else "first"
+    return f"{tags[T.PROMOTED_AT]} by {tags.get(T.PROMOTED_BY, '?')} ({replaced})"
 
 
 def _fmt(value: float | None) -> str:

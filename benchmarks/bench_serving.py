@@ -180,6 +180,7 @@ def main() -> None:
     work.mkdir(parents=True)
     uri = build_store(work, args.items, args.users)
     results = []
+    load_before = os.getloadavg()
     for replicas in args.replicas:
         port = free_port()
         start(EndpointConfig(tenants=list(TENANTS), port=port, replicas=replicas, tracking_uri=uri))
@@ -191,6 +192,8 @@ def main() -> None:
         ray.shutdown()
     report = {
         "machine": f"{os.cpu_count()} cores, {platform.machine()}, CPU only",
+        # The development machine is shared: the 1-minute load average before and after.
+        "load_average": [round(load_before[0], 1), round(os.getloadavg()[0], 1)],
         "setup": {
             "tenants": len(TENANTS),
             "items_per_tenant": args.items,

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -51,12 +51,9 @@ def progress_line(
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    from unisrec.runtime import verbose
+    from unisrec.runtime import quiet_train_worker
 
-    if not verbose():  # DeepSpeed's ZeRO calls a collective torch has deprecated
-        warnings.filterwarnings(
-            "ignore", message=r".*all_gather_into_tensor", category=FutureWarning
-        )
+    quiet_train_worker()  # unless -v: our progress line, not Ray's per-report messages
     import deepspeed  # imported here: importing it in the Ray driver can break the controller
     import ray.train
 
@@ -181,7 +178,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         metrics["sequences_per_second"],
                         per_step,
                     )
-                    print(line, flush=True)
+                    sys.stdout.write(line + "\n")  # not print: Ray Train's patch echoes it twice
+                    sys.stdout.flush()
             end_of_epoch = state["batch_in_epoch"] == epoch_length
             if done or end_of_epoch or state["step"] % cfg.distributed.checkpoint_every == 0:
                 _save_and_report(engine, state, rank, metrics, final=done)

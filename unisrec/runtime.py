@@ -29,6 +29,23 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") == "1"
 
 
+def quiet_train_worker() -> None:
+    """In a Ray Train worker, unless verbose: drop the per-report "Reporting training result"
+    line (logged under a file-path logger name, outside ``ray.train``'s level) and torch's
+    deprecation warning for the collective DeepSpeed's ZeRO calls."""
+    if verbose():
+        return
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor", category=FutureWarning)
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def use_loopback() -> None:
     """Keep a local Ray and its gloo groups on 127.0.0.1 (unless joining a cluster)."""
     if os.environ.get("RAY_ADDRESS"):
