@@ -14,7 +14,8 @@ Two deployments:
 * ``TenantModels`` (``replicas`` replicas): loads a tenant version on first use with
   ``@serve.multiplexed`` (at most ``max_tenants_per_replica``, least recently used dropped)
   and ranks its catalogue. Requests for a version are routed to a replica that holds it.
-  Tenants on the same backbone version share one copy of its frozen sequence encoder.
+  Tenants on the same backbone version share one copy of its frozen sequence encoder; a
+  loaded version keeps its catalogue's item vectors, so a request encodes only its history.
 
 Everything binds to 127.0.0.1.
 """
@@ -146,12 +147,20 @@ def build_app(cfg: EndpointConfig):
             unknown = [h for h in history if h not in catalogue]
             if unknown:
                 return _error(400, f"history: unknown item key(s) {unknown[:5]}")
-            recs = top_k(recommender.model, recommender.spec, catalogue, [history], k=k)[0]
-            texts = catalogue.texts
+            recs = top_k(
+                recommender.model,
+                recommender.spec,
+                catalogue,
+                [history],
+                k=k,
+                item_vectors=recommender.item_vectors,  # computed once, when it loaded
+            )[0]
             return {
                 "items": [
-                    {"key": key, "text": texts[catalogue.indexes([key])[0] - 1], "score": score}
-                    for key, score in recs
+                    {"key": key, "text": catalogue.texts[index - 1], "score": score}
+                    for (key, score), index in zip(
+                        recs, catalogue.indexes([key for key, _ in recs]), strict=True
+                    )
                 ]
             }
 

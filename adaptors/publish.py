@@ -26,7 +26,7 @@ import pandas as pd
 
 from adaptors.bundle import AdaptorSpec, load_bundle, write_backbone
 from adaptors.catalogue import Catalogue
-from adaptors.serving import parse_history, top_k
+from adaptors.serving import catalogue_item_vectors, parse_history, top_k
 from unisrec import tags as T
 from unisrec.errors import ConfigError
 
@@ -150,6 +150,8 @@ class AdaptorRecommender(mlflow.pyfunc.PythonModel):
             Path(self.artifact_paths["adaptor"]), Path(backbone) if backbone else None
         )
         self.catalogue = Catalogue.load(self.artifact_paths["catalogue"])
+        # (C+1, H): the adaptor runs over the catalogue once, not on every request.
+        self.item_vectors = catalogue_item_vectors(self.model, self.spec, self.catalogue)
 
     def predict(
         self, context, model_input: pd.DataFrame, params: dict | None = None
@@ -162,6 +164,7 @@ class AdaptorRecommender(mlflow.pyfunc.PythonModel):
             [parse_history(h) for h in model_input["history"]],
             k=int(params.get("k", 10)),
             exclude_history=bool(params.get("exclude_history", True)),
+            item_vectors=self.item_vectors,
         )
         return pd.DataFrame(
             {
