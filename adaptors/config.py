@@ -75,7 +75,7 @@ class FinetuneMlflowConfig:
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
     experiment: str = "unisrec-finetune"
     registered_model: str = ""  # "" = unisrec-adaptor-<tenant>
-    alias: str = "latest"
+    alias: str = "candidate"  # `unisrec promote` moves "production" (what `unisrec serve` serves)
 
 
 @dataclass

@@ -4,7 +4,8 @@
     unisrec finetune benchmarks/configs/finetune-scientific.yaml \\
         backbone=models:/unisrec-backbone@latest mode=transductive
 
-1. check the tenant may use its model name; open its MLflow run (the same one on resume)
+1. check the tenant may use its model name; open its MLflow run (the same one on resume),
+   logging the domain's data and the backbone as the run's inputs
 2. load the domain: text vectors, training windows, valid and test splits
 3. build the model: pull the backbone (its encoder checked against the data) or start from
    scratch; freeze everything that does not train (see adaptors/config.py for the table)
@@ -12,7 +13,8 @@
    of the domain, every target with the same weight; each epoch rank the valid users, keep the best state, stop after ``patience``
    epochs without a better valid ``stop_metric``; ``last.pt`` lets a stopped run continue
 5. best state -> valid/test metrics (+ test by target popularity) -> metrics.json and MLflow
-6. write the adaptor bundle and catalogue; register the adaptor with lineage tags
+6. write the adaptor bundle and catalogue; register the adaptor (with the backbone's weights,
+   lineage tags and the alias ``candidate``; ``unisrec promote`` makes it ``production``)
 
 Output directory (``<output_root>/<tenant>``): ``last.pt`` (model, optimizer, epoch, best
 state), ``best.pt``, ``metrics.json``, ``adaptor/`` (bundle), ``catalogue/``.
@@ -39,7 +41,7 @@ from adaptors.evaluate import EvalData, full_report, load_eval_data, metrics_fro
 from adaptors.publish import claim_model_name, register_adaptor
 from pretrain.model import SequenceRecommender
 from pretrain.registry import pull_backbone
-from sharding.dataset import Dataset
+from sharding.dataset import Dataset, log_mlflow_input
 from sharding.windows import training_windows
 from unisrec import tags
 from unisrec.config import to_dict
@@ -316,6 +318,7 @@ def run_finetune(cfg: FinetuneConfig, restart: bool = False, progress: bool = Tr
                     tags.KIND: "finetune",
                 }
             )
+            log_lineage_inputs(dataset, cfg.data.domain, spec)
 
         # 4. Train with early stopping.
         checkpoint = {
@@ -381,6 +384,31 @@ def run_finetune(cfg: FinetuneConfig, restart: bool = False, progress: bool = Tr
         "model_name": cfg.model_name,
         "model_version": version,
     }
+
+
+def log_lineage_inputs(dataset: Dataset, domain: str, spec: AdaptorSpec) -> None:
+    """The active run's inputs: the tenant's domain of the dataset (digest, domain) and,
+    when there is one, the backbone's logged model (which links the backbone's run)."""
+    log_mlflow_input(dataset, context="finetuning", domains=[domain])
+    if spec.backbone_name:
+        import mlflow
+        from mlflow.entities import LoggedModelInput
+        from mlflow.tracking import MlflowClient
+
+        model_id = logged_model_id(
+            MlflowClient().get_model_version(spec.backbone_name, spec.backbone_version)
+        )
+        if model_id:
+            mlflow.log_input(model=LoggedModelInput(model_id=model_id))
+
+
+def logged_model_id(version) -> str | None:
+    """The logged model behind a registered ``ModelVersion`` (MLflow 3 registers
+    ``models:/<model id>`` as its source), or None for a version registered otherwise."""
+    if version.model_id:
+        return version.model_id
+    source = version.source or ""
+    return source[len("models:/") :] if source.startswith("models:/m-") else None
 
 
 @dataclass

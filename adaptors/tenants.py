@@ -46,8 +46,13 @@ def tenant_configs(cfg: FinetuneConfig, names: list[str] | None = None) -> list[
     base.update(tenants=[], output_dir="")
     configs = []
     for spec in chosen:
-        raw = apply_overrides({**base, "tenant": spec.name}, spec.overrides)
-        configs.append(resolve_paths(from_dict(FinetuneConfig, raw)))
+        try:
+            raw = apply_overrides({**base, "tenant": spec.name}, spec.overrides)
+            configs.append(resolve_paths(from_dict(FinetuneConfig, raw)))
+        except ConfigError as err:
+            raise ConfigError(
+                f"tenants[{spec.name}].overrides: {err} (fix the tenant's entry under tenants:)"
+            ) from err
     return configs
 
 

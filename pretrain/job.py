@@ -13,13 +13,10 @@ import dataclasses
 import json
 import logging
 import time
-import warnings
 from pathlib import Path
 
-import pandas as pd
-
 from pretrain.config import PretrainConfig
-from sharding.dataset import Dataset
+from sharding.dataset import Dataset, log_mlflow_input
 from unisrec import tags
 from unisrec.config import to_dict
 from unisrec.tracking import config_hash, config_params, configure_mlflow, git_commit
@@ -31,11 +28,11 @@ RUN_STATE = "run.json"
 def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     """Pretrain, register the backbone, return the summary (also written to summary.json)."""
     import mlflow
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pretrain.worker import train_loop_per_worker
-    from unisrec.runtime import ensure_ray
+    from unisrec.runtime import ensure_ray, verbose
 
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -71,7 +68,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
                     tags.DATA_DIGEST: dataset.digest,
                 }
             )
-            mlflow.log_input(_manifest_as_dataset(dataset), context="pretraining")
+            log_mlflow_input(dataset, context="pretraining")
             mlflow.log_dict(dataset.manifest, "dataset_manifest.json")
     (out / RUN_STATE).write_text(json.dumps({"run_id": run_id, "ray_run_name": run_name}))
 
@@ -94,6 +91,8 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.distributed.keep_checkpoints),
+            # Ray Train's per-step messages only with -v: rank 0 prints its own progress line.
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "ERROR"),
         ),
     )
     started = time.perf_counter()
@@ -186,30 +185,6 @@ def _mean_metric(run_id: str, key: str) -> float | None:
 def _read_run_state(out: Path) -> dict | None:
     path = out / RUN_STATE
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def _manifest_as_dataset(dataset: Dataset):
-    """The shard manifest as an MLflow dataset input (one row per domain, manifest digest)."""
-    import mlflow.data
-
-    rows = [
-        {
-            "domain": d.name,
-            "users": d.num_users,
-            "items": d.num_items,
-            "interactions": d.num_interactions,
-            "pretrain": d.pretrain,
-        }
-        for d in dataset.domains.values()
-    ]
-    with warnings.catch_warnings():  # integer counts: MLflow's "missing values" hint does not apply
-        warnings.simplefilter("ignore", UserWarning)
-        return mlflow.data.from_pandas(
-            pd.DataFrame(rows),
-            source=str(dataset.root),
-            name=f"unisrec-shards-{dataset.digest[:8]}",
-            digest=dataset.digest[:32],
-        )
 
 
 def _plot_loss(run_id: str, path: Path) -> None:

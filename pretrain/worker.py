@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +38,22 @@ def deepspeed_config(cfg: PretrainConfig) -> dict:
     )
 
 
+def progress_line(
+    step: int, total: int, epoch: int, loss: float, samples_per_s: float, seconds_per_step: float
+) -> str:
+    """Rank 0's progress line, e.g. ``step 40/232 (17%) epoch 1 loss 3.2101 61.2 seq/s ETA 3m12s``."""
+    eta = max(total - step, 0) * seconds_per_step
+    minutes, seconds = divmod(round(eta), 60)
+    return (
+        f"step {step}/{total} ({100 * step / max(total, 1):.0f}%) epoch {epoch} loss {loss:.4f} "
+        f"{samples_per_s:.1f} seq/s ETA {minutes}m{seconds:02d}s"
+    )
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
+    from unisrec.runtime import quiet_train_worker
+
+    quiet_train_worker()  # unless -v: our progress line, not Ray's per-report messages
     import deepspeed  # imported here: importing it in the Ray driver can break the controller
     import ray.train
 
@@ -105,6 +121,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # 4. Train.
     engine.train()
     meter = _WindowMeter()
+    started, first_step = time.perf_counter(), state["step"]
     metrics: dict = {}
     while state["step"] < total_steps:
         batches = stream.epoch(state["epoch"])
@@ -151,6 +168,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 }
                 if logger:
                     logger.log(metrics, state["step"])
+                if rank == 0:
+                    per_step = (time.perf_counter() - started) / (state["step"] - first_step)
+                    line = progress_line(
+                        state["step"],
+                        total_steps,
+                        state["epoch"],
+                        metrics["loss"],
+                        metrics["sequences_per_second"],
+                        per_step,
+                    )
+                    sys.stdout.write(line + "\n")  # not print: Ray Train's patch echoes it twice
+                    sys.stdout.flush()
             end_of_epoch = state["batch_in_epoch"] == epoch_length
             if done or end_of_epoch or state["step"] % cfg.distributed.checkpoint_every == 0:
                 _save_and_report(engine, state, rank, metrics, final=done)

@@ -15,6 +15,10 @@ BACKBONE_MODEL = "unisrec-backbone"  # the pretraining job's default
 ADAPTOR_MODEL_PREFIX = "unisrec-adaptor-"  # + tenant name
 # MLflow reserves the alias "latest": models:/NAME@latest always means the highest version.
 LATEST = "latest"
+# Adaptor aliases: a fine-tune registers its version as the candidate; `unisrec promote`
+# moves production, which is what `unisrec serve` serves.
+CANDIDATE = "candidate"
+PRODUCTION = "production"
 
 # Tags on a model version (and, for KIND and TENANT, on the registered model).
 KIND = "unisrec.kind"  # backbone | adaptor (on runs: pretrain | finetune)
@@ -30,6 +34,13 @@ BACKBONE_RUN_ID = "unisrec.backbone_run_id"
 DOMAIN = "unisrec.domain"
 MODE = "unisrec.mode"
 BASELINE = "unisrec.baseline"
+# Set on an adaptor version by `unisrec promote` (who, when, which version it replaced).
+PROMOTED_BY = "unisrec.promoted_by"
+PROMOTED_AT = "unisrec.promoted_at"  # ISO 8601, UTC
+PROMOTED_FROM = "unisrec.promoted_from"  # the production version before, or "none"
+# Set on a version made by `unisrec catalogue add`: same weights, a longer catalogue.
+EXTENDS_VERSION = "unisrec.extends_version"
+ADDED_ITEMS = "unisrec.added_items"
 
 # Tenant names end up in model names, run names and directory names: keep them boring.
 TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")

@@ -53,6 +53,14 @@ def config_hash(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def pinned_requirements(packages: tuple[str, ...]) -> list[str]:
+    """``name==version`` of each installed distribution in ``packages`` (a local version
+    label such as ``+cpu`` dropped, so the pin names a release an index has)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in packages]
+
+
 def git_commit() -> str:
     """The commit of the code that runs (``unknown`` outside a git checkout)."""
     here = Path(__file__).resolve().parent
