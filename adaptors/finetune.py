@@ -150,6 +150,7 @@ def valid_metrics(
         temperature=cfg.temperature,
         exclude_history=cfg.eval.exclude_history,
         batch_size=cfg.eval.batch_size,
+        item_block=cfg.eval.item_block,
     )
     return metrics_from_ranks(ranks, cfg.eval.ks)
 
@@ -310,6 +311,7 @@ def run_finetune(cfg: FinetuneConfig, restart: bool = False, progress: bool = Tr
             ks=cfg.eval.ks,
             exclude_history=cfg.eval.exclude_history,
             batch_size=cfg.eval.batch_size,
+            item_block=cfg.eval.item_block,
             groups=cfg.eval.popularity_groups,
         )
         metrics = {

@@ -218,6 +218,12 @@ class SequenceRecommender(nn.Module, ABC):
     def max_seq_len(self) -> int:
         return self.cfg.max_seq_len
 
+    @property
+    @abstractmethod
+    def reads_item_ids(self) -> bool:
+        """Whether :meth:`item_vectors` reads ``ids``; if not, items with equal text vectors
+        are the same item to the model (evaluation scores them as exact ties)."""
+
     @abstractmethod
     def item_vectors(self, text_vecs: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
         """text_vecs: ``(..., D)`` float32, ids: ``(...)`` long -> ``(..., H)`` float32."""
@@ -317,6 +323,10 @@ class UniSRec(SequenceRecommender):
         if num_items > 0:
             self.item_ids = _id_embedding(num_items, cfg)
 
+    @property
+    def reads_item_ids(self) -> bool:
+        return self.item_ids is not None
+
     def item_vectors(self, text_vecs: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
         """``ids`` are read only in transductive mode; id 0 adds the zero padding row."""
         if text_vecs is None:
@@ -353,6 +363,10 @@ class SASRec(SequenceRecommender):
         self.num_items = num_items
         self.item_ids = _id_embedding(num_items, cfg)
         self.encoder = SequenceEncoder(cfg)
+
+    @property
+    def reads_item_ids(self) -> bool:
+        return True
 
     def item_vectors(self, text_vecs: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
         return self.item_ids(ids)
