@@ -53,7 +53,12 @@ class BackboneConfig:
 
 
 class PWLayer(nn.Module):
-    """One expert: ``(dropout(x) - b) @ W``, a learned whitening of the text vector."""
+    """One expert: ``(dropout(x) - b) @ W``, a learned whitening of the text vector.
+
+    Computed as ``dropout(x) @ W - b @ W``: text vectors are frozen, so the backward pass
+    then needs no ``(n, in_dim)`` input gradient (a third of the expert's matmul work) to
+    reach ``b``.
+    """
 
     def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0):
         super().__init__()
@@ -64,7 +69,7 @@ class PWLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(..., in_dim)`` float32 -> ``(..., out_dim)`` float32."""
-        return self.lin(self.dropout(x) - self.bias)
+        return self.lin(self.dropout(x)) - self.lin(self.bias)
 
 
 class MoEAdaptor(nn.Module):
@@ -339,7 +344,8 @@ class UniSRec(SequenceRecommender):
     def score(
         self, queries: torch.Tensor, vectors: torch.Tensor, temperature: float
     ) -> torch.Tensor:
-        return F.normalize(queries, dim=-1) @ F.normalize(vectors, dim=-1).T / temperature
+        # 1/tau on the (..., H) queries, not on the (..., N) logits: one pass less each way.
+        return (F.normalize(queries, dim=-1) / temperature) @ F.normalize(vectors, dim=-1).T
 
     def tuned_parameters(self) -> Iterator[nn.Parameter]:
         """The MoE adaptor and, if transductive, the item ID embedding."""
