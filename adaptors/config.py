@@ -56,7 +56,8 @@ class FinetuneOptimConfig:
 class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [10, 50])  # cut-offs of Recall@K and NDCG@K
     exclude_history: bool = False  # drop the user's history items from the ranking
-    batch_size: int = 1024  # users scored at once against the whole catalogue
+    batch_size: int = 256  # users scored at once (a block of users)
+    item_block: int = 16384  # items scored at once; memory ~ batch_size x item_block floats
     stop_metric: str = "ndcg@10"  # valid metric for early stopping and the best state
     popularity_groups: int = 5  # long-tail breakdown of test metrics by target popularity
 
@@ -66,6 +67,10 @@ class EvalConfig:
         allowed = {f"{m}@{k}" for m in ("recall", "ndcg") for k in self.ks}
         if self.stop_metric not in allowed:
             raise ConfigError(f"stop_metric: {self.stop_metric!r} is not one of {sorted(allowed)}")
+        if self.batch_size < 1 or self.item_block < 1:
+            raise ConfigError(
+                f"batch_size, item_block: must be >= 1, got {self.batch_size}, {self.item_block}"
+            )
         if self.popularity_groups < 1:
             raise ConfigError(f"popularity_groups: must be >= 1, got {self.popularity_groups}")
 

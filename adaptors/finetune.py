@@ -176,6 +176,7 @@ def valid_metrics(
         temperature=cfg.temperature,
         exclude_history=cfg.eval.exclude_history,
         batch_size=cfg.eval.batch_size,
+        item_block=cfg.eval.item_block,
     )
     return metrics_from_ranks(ranks, cfg.eval.ks)
 
@@ -228,6 +229,14 @@ def prepare_model(
     for param in trainable:
         param.requires_grad_(True)
     return model, spec, trainable
+
+
+def make_optimizer(trainable: list[nn.Parameter], cfg: FinetuneConfig) -> torch.optim.Adam:
+    """Adam over the trainable parameters, as one fused kernel per step (CPU and CUDA):
+    the per-parameter loop costs a few percent of a CPU step for the same arithmetic."""
+    return torch.optim.Adam(
+        trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=True
+    )
 
 
 def run_identity(cfg: FinetuneConfig) -> dict:
@@ -288,7 +297,7 @@ def run_finetune(cfg: FinetuneConfig, restart: bool = False, progress: bool = Tr
     model.to(device)
     data = load_eval_data(dataset, cfg.data.domain, model.max_seq_len, device)
     windows = load_windows(dataset, cfg.data.domain, model.max_seq_len)
-    optimizer = torch.optim.Adam(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = make_optimizer(trainable, cfg)
     loop = _LoopState(best_state=_clone_state(model))
     if resume:
         model.load_state_dict(resume["model"])
@@ -337,6 +346,7 @@ def run_finetune(cfg: FinetuneConfig, restart: bool = False, progress: bool = Tr
             ks=cfg.eval.ks,
             exclude_history=cfg.eval.exclude_history,
             batch_size=cfg.eval.batch_size,
+            item_block=cfg.eval.item_block,
             groups=cfg.eval.popularity_groups,
         )
         metrics = {
@@ -450,7 +460,9 @@ def fit(
             break
         started = time.perf_counter()
         loss = train_epoch(model, windows, data.text_table, optimizer, cfg, epoch)
+        trained = time.perf_counter()
         valid = valid_metrics(model, data, cfg)
+        ranked = time.perf_counter()
         loop.epoch = epoch + 1
         if valid[metric] > loop.best_metric:
             loop.best_metric, loop.best_epoch, loop.bad_epochs = valid[metric], loop.epoch, 0
@@ -463,9 +475,13 @@ def fit(
             loop.bad_epochs += 1
             loop.stopped = loop.bad_epochs >= cfg.optim.patience
         seconds = time.perf_counter() - started
+        timings = {
+            "epoch_seconds": seconds,
+            "train_seconds": trained - started,
+            "valid_seconds": ranked - trained,
+        }
         mlflow.log_metrics(
-            {"train_loss": loss, "epoch_seconds": seconds, **_metric_names("valid", valid)},
-            step=loop.epoch,
+            {"train_loss": loss, **timings, **_metric_names("valid", valid)}, step=loop.epoch
         )
         bar.set_postfix(loss=f"{loss:.4f}", **{metric: f"{valid[metric]:.4f}"})
         log.info(
@@ -480,6 +496,11 @@ def fit(
             "rng": torch.get_rng_state(),  # dropout and gate noise go on as if never stopped
         }
         _save(out / LAST_CHECKPOINT, {**checkpoint, **state})
+        log.info(
+            "%s: epoch %d phases: train %.2f s, valid ranking %.2f s, rest %.2f s (incl. last.pt)",
+            *(cfg.tenant, loop.epoch, timings["train_seconds"], timings["valid_seconds"]),
+            time.perf_counter() - ranked,
+        )
 
 
 def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:

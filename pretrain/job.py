@@ -131,6 +131,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
         # Training throughput (mean over logged windows; excludes Ray and DeepSpeed start-up).
         "sequences_per_second": _mean_metric(run_id, "sequences_per_second"),
         "tokens_per_second": _mean_metric(run_id, "tokens_per_second"),
+        "targets_per_second": _mean_metric(run_id, "targets_per_second"),
         "final_loss": final_metrics.get("loss"),
         "final_loss_seq_item": final_metrics.get("loss_seq_item"),
         "final_loss_seq_seq": final_metrics.get("loss_seq_seq"),

@@ -62,6 +62,10 @@ class BackboneConfig:
 class PWLayer(nn.Module):
     """One expert: ``(dropout(x) - b) @ W``, a learned whitening of the text vector.
 
+    Computed as ``dropout(x) @ W - b @ W``: text vectors are frozen, so the backward pass
+    then needs no ``(n, in_dim)`` input gradient (a third of the expert's matmul work) to
+    reach ``b``.
+
     ``whitening=False`` drops the shift ``b`` (no such parameter): ``dropout(x) @ W``, the
     paper's "w/o PW" ablation.
     """
@@ -75,8 +79,8 @@ class PWLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(..., in_dim)`` float32 -> ``(..., out_dim)`` float32."""
-        x = self.dropout(x)
-        return self.lin(x - self.bias if self.bias is not None else x)
+        out = self.lin(self.dropout(x))
+        return out - self.lin(self.bias) if self.bias is not None else out
 
 
 class MoEAdaptor(nn.Module):
@@ -243,6 +247,12 @@ class SequenceRecommender(nn.Module, ABC):
     def max_seq_len(self) -> int:
         return self.cfg.max_seq_len
 
+    @property
+    @abstractmethod
+    def reads_item_ids(self) -> bool:
+        """Whether :meth:`item_vectors` reads ``ids``; if not, items with equal text vectors
+        are the same item to the model (evaluation scores them as exact ties)."""
+
     @abstractmethod
     def item_vectors(self, text_vecs: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
         """text_vecs: ``(..., D)`` float32, ids: ``(...)`` long -> ``(..., H)`` float32."""
@@ -346,6 +356,10 @@ class UniSRec(SequenceRecommender):
         if num_items > 0:
             self.item_ids = _id_embedding(num_items, cfg)
 
+    @property
+    def reads_item_ids(self) -> bool:
+        return self.item_ids is not None
+
     def item_vectors(self, text_vecs: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
         """``ids`` are read only in transductive mode; id 0 adds the zero padding row."""
         if text_vecs is None:
@@ -358,7 +372,8 @@ class UniSRec(SequenceRecommender):
     def score(
         self, queries: torch.Tensor, vectors: torch.Tensor, temperature: float
     ) -> torch.Tensor:
-        return F.normalize(queries, dim=-1) @ F.normalize(vectors, dim=-1).T / temperature
+        # 1/tau on the (..., H) queries, not on the (..., N) logits: one pass less each way.
+        return (F.normalize(queries, dim=-1) / temperature) @ F.normalize(vectors, dim=-1).T
 
     def tuned_parameters(self) -> Iterator[nn.Parameter]:
         """The MoE adaptor, the encoder's input LayerNorm and, if transductive, the item ID
@@ -384,6 +399,10 @@ class SASRec(SequenceRecommender):
         self.num_items = num_items
         self.item_ids = _id_embedding(num_items, cfg)
         self.encoder = SequenceEncoder(cfg)
+
+    @property
+    def reads_item_ids(self) -> bool:
+        return True
 
     def item_vectors(self, text_vecs: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
         return self.item_ids(ids)

@@ -156,7 +156,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state["batch_in_epoch"] = batch_index + 1
             state["samples_seen"] += int(counts[0])
             state["tokens_seen"] += int(counts[1])
-            meter.add(int(counts[0]), int(counts[1]), out["seq_item"], out["seq_seq"])
+            meter.add(
+                int(counts[0]), int(counts[1]), out["queries"], out["seq_item"], out["seq_seq"]
+            )
 
             done = state["step"] >= total_steps
             if state["step"] % cfg.log_every == 0 or done:
@@ -191,19 +193,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 class _WindowMeter:
-    """Mean losses, sequences and non-padding tokens per second since the last report.
+    """Mean losses; sequences, non-padding tokens and next-item targets (seq-item queries, all
+    ranks) per second since the last report.
 
     Losses are averaged over the window's steps: one step's loss is noisy, and an epoch's
     last, partly filled batch has fewer negatives and so a lower loss.
     """
 
     def __init__(self):
-        self.start, self.sequences, self.tokens = time.perf_counter(), 0, 0
+        self.start, self.sequences, self.tokens, self.targets = time.perf_counter(), 0, 0, 0
         self.steps, self.seq_item, self.seq_seq = 0, 0.0, 0.0
 
-    def add(self, sequences: int, tokens: int, seq_item: float, seq_seq: float) -> None:
+    def add(
+        self, sequences: int, tokens: int, targets: int, seq_item: float, seq_seq: float
+    ) -> None:
         self.sequences += sequences
         self.tokens += tokens
+        self.targets += targets
         self.steps += 1
         self.seq_item += seq_item
         self.seq_seq += seq_seq
@@ -217,6 +223,7 @@ class _WindowMeter:
             "loss_seq_seq": self.seq_seq / steps,
             "sequences_per_second": self.sequences / elapsed,
             "tokens_per_second": self.tokens / elapsed,
+            "targets_per_second": self.targets / elapsed,
         }
         self.__init__()
         return out
