@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pretrain.model import BackboneConfig
-from unisrec.config import ConfigError
+from unisrec.config import ConfigError, check_range
 
 # Tenant names end up in model names, run names and directory names: keep them boring.
 TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -61,6 +61,9 @@ class FinetuneOptimConfig:
     bucket_by_length: bool = True  # batch windows of similar length (far less padding)
 
     def validate(self) -> None:
+        check_range("lr", self.lr, 0, low_open=True)
+        check_range("weight_decay", self.weight_decay, 0)
+        check_range("grad_clip", self.grad_clip, 0)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
         if self.max_epochs < 0 or self.patience < 1:
@@ -83,6 +86,7 @@ class EvalConfig:
             raise ConfigError(f"stop_metric: {self.stop_metric!r} is not one of {sorted(allowed)}")
         if self.popularity_groups < 1:
             raise ConfigError(f"popularity_groups: must be >= 1, got {self.popularity_groups}")
+        check_range("batch_size", self.batch_size, 1)
 
 
 @dataclass
@@ -137,8 +141,7 @@ class FinetuneConfig:
             raise ConfigError(
                 f"backbone: {self.backbone!r} must be models:/NAME@ALIAS, models:/NAME/VERSION or none"
             )
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature: must be positive, got {self.temperature}")
+        check_range("temperature", self.temperature, 0, low_open=True)
         names = [t.name for t in self.tenants]
         if len(set(names)) != len(names):
             raise ConfigError(f"tenants: duplicate names in {names}")

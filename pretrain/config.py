@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pretrain.model import BackboneConfig
-from unisrec.config import ConfigError
+from unisrec.config import ConfigError, check_range
 
 
 @dataclass
@@ -17,6 +17,11 @@ class PretrainDataConfig:
     loader_workers: int = 1  # DataLoader processes per worker reading shards
     shuffle_buffer: int = 2000
 
+    def validate(self) -> None:
+        check_range("batch_size", self.batch_size, 1)
+        check_range("loader_workers", self.loader_workers, 0)
+        check_range("shuffle_buffer", self.shuffle_buffer, 0)
+
 
 @dataclass
 class LossConfig:
@@ -25,6 +30,12 @@ class LossConfig:
     item_drop_batch_prob: float = 0.9  # per batch: item drop with this p, else word drop
     item_keep_prob: float = 0.8  # item drop keeps each item (always the first) with this p
     word_drop_position_prob: float = 0.2  # word drop: a position takes its word-drop vector
+
+    def validate(self) -> None:
+        check_range("temperature", self.temperature, 0, low_open=True)
+        check_range("lam", self.lam, 0)
+        for key in ("item_drop_batch_prob", "item_keep_prob", "word_drop_position_prob"):
+            check_range(key, getattr(self, key), 0, 1)
 
 
 @dataclass
@@ -35,6 +46,14 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 disables
     epochs: int = 10
     max_steps: int = 0  # stop after this many steps (0 = run all epochs)
+
+    def validate(self) -> None:
+        check_range("lr", self.lr, 0, low_open=True)
+        check_range("weight_decay", self.weight_decay, 0)
+        check_range("warmup_steps", self.warmup_steps, 0)
+        check_range("grad_clip", self.grad_clip, 0)
+        check_range("epochs", self.epochs, 1)
+        check_range("max_steps", self.max_steps, 0)
 
 
 @dataclass
@@ -55,6 +74,10 @@ class DistributedConfig:
             raise ConfigError(f"zero_stage: must be 0..3, got {self.zero_stage}")
         if self.num_workers < 1:
             raise ConfigError(f"num_workers: must be >= 1, got {self.num_workers}")
+        check_range("cpus_per_worker", self.cpus_per_worker, 1)
+        check_range("checkpoint_every", self.checkpoint_every, 1)
+        check_range("keep_checkpoints", self.keep_checkpoints, 1)
+        check_range("max_failures", self.max_failures, -1)  # -1 = retry for ever (Ray's meaning)
 
 
 @dataclass
@@ -85,3 +108,6 @@ class PretrainConfig:
     output_dir: str = "runs/pretrain"
     seed: int = 42
     log_every: int = 10  # steps between metric reports
+
+    def validate(self) -> None:
+        check_range("log_every", self.log_every, 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -24,6 +25,24 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names the dotted key."""
+
+
+def check_range(
+    key: str,
+    value: float,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+) -> None:
+    """Raise ConfigError naming ``key`` unless ``value`` is a finite number in ``[low, high]``
+    (``(low, high]`` with ``low_open``); ``None`` leaves that side open."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ConfigError(f"{key}: must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise ConfigError(f"{key}: must be <= {high}, got {value}")
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides=()) -> T:
