@@ -87,7 +87,9 @@ def test_shard_config_refuses_out_of_range_values(override):
 def test_a_domain_kcore_below_zero_names_the_domain_entry():
     with pytest.raises(ConfigError, match=r"^domains\[0\]\.kcore: "):
         load_config(
-            ShardJobConfig, None, ['domains=[{"name": "d", "format": "csv", "path": ".", "kcore": -2}]']
+            ShardJobConfig,
+            None,
+            ['domains=[{"name": "d", "format": "csv", "path": ".", "kcore": -2}]'],
         )
 
 
