@@ -44,6 +44,24 @@ def validate_tenant_name(name: str) -> str:
     return name
 
 
+def validate_model_name(name: str, tenant: str) -> str:
+    """Return ``name`` if ``tenant`` may register it, else raise ConfigError.
+
+    A tenant's names are ``unisrec-adaptor-<tenant>`` and ``unisrec-adaptor-<tenant>.<variant>``
+    (variant: a-z, 0-9, '_', '-'). The '.' cannot occur in a tenant name, so no tenant's
+    variant is another tenant's name; everything else (other tenants', the backbone's) is
+    reserved.
+    """
+    own = f"{DEFAULT_MODEL_PREFIX}{tenant}"
+    variant = name[len(own) + 1 :] if name.startswith(f"{own}.") else None
+    if name != own and not (variant and TENANT_PATTERN.fullmatch(variant)):
+        raise ConfigError(
+            f"mlflow.registered_model: {name!r} is not a name tenant {tenant!r} may register; "
+            f"use {own!r} or {own + '.<variant>'!r} (other names are other tenants' or reserved)"
+        )
+    return name
+
+
 @dataclass
 class FinetuneDataConfig:
     dir: str = "runs/data"  # dataset directory written by `unisrec shard`
@@ -137,6 +155,8 @@ class FinetuneConfig:
     def validate(self) -> None:
         if self.tenant:
             validate_tenant_name(self.tenant)
+            if self.mlflow.registered_model:
+                validate_model_name(self.mlflow.registered_model, self.tenant)
         if self.backbone != "none" and not self.backbone.startswith("models:/"):
             raise ConfigError(
                 f"backbone: {self.backbone!r} must be models:/NAME@ALIAS, models:/NAME/VERSION or none"

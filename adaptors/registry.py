@@ -213,8 +213,10 @@ def claim_model_name(name: str, tenant: str) -> None:
     validate_tenant_name(tenant)
     try:
         model = MlflowClient().get_registered_model(name)
-    except MlflowException:
-        return  # does not exist yet
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return  # does not exist yet
+        raise  # the registry did not answer the question (down, denied, ...)
     owner = model.tags.get(TAG_TENANT)
     if owner != tenant:
         raise ConfigError(
@@ -238,7 +240,9 @@ def register_adaptor(
     client = MlflowClient()
     try:
         client.create_registered_model(name, tags={TAG_TENANT: spec.tenant, TAG_KIND: "adaptor"})
-    except MlflowException:
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
         claim_model_name(name, spec.tenant)  # created meanwhile: still ours?
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(

@@ -9,10 +9,15 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from unisrec.config import flatten, to_dict
+from unisrec.config import ConfigError, flatten, to_dict
 
 # MLflow's file store (./mlruns) refuses to start in MLflow 3: the embedded default is sqlite.
 DEFAULT_STORE = "mlflow.db"
+PROBE_TIMEOUT_S = 5.0  # MLflow's own client retries for minutes before it gives up
+
+
+class TrackingServerError(ConfigError):
+    """The tracking URI names a server that does not answer (down, or the wrong URI)."""
 
 
 def resolve_tracking_uri(uri: str = "") -> str:
@@ -32,13 +37,39 @@ def resolve_tracking_uri(uri: str = "") -> str:
 
 
 def configure_mlflow(uri: str = "") -> str:
-    """Point this process's MLflow client at the store; returns the resolved URI."""
+    """Point this process's MLflow client at the store; returns the resolved URI.
+
+    A tracking server is probed once first, so a server that is down fails in seconds with
+    :class:`TrackingServerError` instead of after MLflow's minutes of retries.
+    """
     import mlflow
 
     resolved = resolve_tracking_uri(uri)
+    probe_tracking_server(resolved)
     mlflow.set_tracking_uri(resolved)
     mlflow.set_registry_uri(resolved)
     return resolved
+
+
+def probe_tracking_server(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Raise TrackingServerError unless the http(s) server at ``uri`` answers within
+    ``timeout_s``; any HTTP answer counts (an auth error still means it is up). Other URIs
+    (sqlite, databricks, ...) are not probed."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingServerError(
+            f"cannot reach the MLflow tracking server at {uri} ({reason}); start it, or point "
+            "mlflow.tracking_uri / $MLFLOW_TRACKING_URI at one that runs"
+        ) from None
 
 
 def config_params(cfg: Any) -> dict[str, str]:
