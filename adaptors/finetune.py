@@ -244,7 +244,7 @@ def run_finetune(cfg: FinetuneConfig, restart: bool = False, progress: bool = Tr
     import mlflow
 
     from adaptors.registry import claim_model_name, register_adaptor, trained_state, write_bundle
-    from unisrec.tracking import config_params, configure_mlflow, git_commit
+    from unisrec.tracking import config_params, configure_mlflow, git_commit, set_experiment
 
     # 1. Names, paths and the MLflow run.
     cfg = resolve_paths(cfg)
@@ -283,7 +283,7 @@ def run_finetune(cfg: FinetuneConfig, restart: bool = False, progress: bool = Tr
         sum(p.numel() for p in model.parameters()),
     )
 
-    mlflow.set_experiment(cfg.mlflow.experiment)
+    set_experiment(cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
     with mlflow.start_run(run_id=resume["run_id"] if resume else None, run_name=cfg.tenant) as run:
         if not resume:
             mlflow.log_params(config_params(cfg))

@@ -21,7 +21,13 @@ import pandas as pd
 from pretrain.config import PretrainConfig
 from sharding.dataset import Dataset
 from unisrec.config import to_dict
-from unisrec.tracking import config_hash, config_params, configure_mlflow, git_commit
+from unisrec.tracking import (
+    config_hash,
+    config_params,
+    configure_mlflow,
+    git_commit,
+    set_experiment,
+)
 
 log = logging.getLogger(__name__)
 RUN_STATE = "run.json"
@@ -53,7 +59,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     previous = _read_run_state(out) if resume else None
     if resume and previous is None:
         raise FileNotFoundError(f"--resume: no earlier run in {out} ({RUN_STATE} missing)")
-    mlflow.set_experiment(cfg.mlflow.experiment)
+    set_experiment(cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
     run_name = (
         previous["ray_run_name"] if previous else f"pretrain-{time.strftime('%Y%m%d-%H%M%S')}"
     )

@@ -46,9 +46,71 @@ def configure_mlflow(uri: str = "") -> str:
 
     resolved = resolve_tracking_uri(uri)
     probe_tracking_server(resolved)
+    init_sqlite_store(resolved)
     mlflow.set_tracking_uri(resolved)
     mlflow.set_registry_uri(resolved)
     return resolved
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for other stores and in-memory ones)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where experiments on a local sqlite store keep their artifacts: ``mlartifacts/`` beside
+    the database, so a store's directory holds its runs and their files together. None for a
+    tracking server (the server decides)."""
+    path = sqlite_path(uri)
+    return str(path.parent / "mlartifacts") if path else None
+
+
+def init_sqlite_store(uri: str) -> None:
+    """Create or migrate a local sqlite store under an exclusive lock (``<db>.lock``).
+
+    MLflow creates the tables on first use without a lock: two processes doing so at once
+    race in its migration and leave the store unusable. Here the first one creates it and the
+    others wait, then find it ready. The store's default experiment keeps its artifacts in
+    :func:`artifact_root` too.
+    """
+    import fcntl
+
+    path = sqlite_path(uri)
+    if path is None:
+        return
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f"{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        TrackingStore(uri, artifact_root(uri))
+        RegistryStore(uri)
+
+
+def set_experiment(name: str, uri: str = "") -> str:
+    """``mlflow.set_experiment(name)``; on a local store a new experiment is created with its
+    artifacts under :func:`artifact_root` rather than in ``$PWD/mlruns``. Returns its id."""
+    import re
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(uri or mlflow.get_tracking_uri())
+    root = artifact_root(uri)
+    client = MlflowClient(uri)
+    if root and client.get_experiment_by_name(name) is None:
+        folder = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+        try:
+            client.create_experiment(name, artifact_location=str(Path(root) / folder))
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":  # else another process was first
+                raise
+    return mlflow.set_experiment(name).experiment_id
 
 
 def probe_tracking_server(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
