@@ -18,6 +18,7 @@ from sharding.adapters import read_domain
 from sharding.config import DomainSource, ProcessingConfig, ShardJobConfig
 from sharding.errors import DataError
 
+
 @dataclass
 class StubEncoder:
     name: str = "stub"
