@@ -92,8 +92,11 @@ class MlflowConfig:
 class FaultInjection:
     """For tests of recovery: the rank's process exits once at this step (0 = never)."""
 
-    kill_rank: int = 0
+    kill_rank: int = 0  # the rank that exits (or stalls)
     kill_at_step: int = 0
+    # the rank stops responding once at this step, as on a lost node, until its process is
+    # ended (a node drill removes its node); it writes its node id to a marker first (0 = never)
+    stall_at_step: int = 0
 
 
 @dataclass
