@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pretrain.model import BackboneConfig
+from unisrec.config import check_range
 from unisrec.errors import ConfigError
-from unisrec.tags import adaptor_model_name, validate_tenant_name
+from unisrec.tags import adaptor_model_name, validate_model_name, validate_tenant_name
 
 
 @dataclass
@@ -46,6 +47,9 @@ class FinetuneOptimConfig:
     bucket_by_length: bool = True  # batch windows of similar length (far less padding)
 
     def validate(self) -> None:
+        check_range("lr", self.lr, 0, low_open=True)
+        check_range("weight_decay", self.weight_decay, 0)
+        check_range("grad_clip", self.grad_clip, 0)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
         if self.max_epochs < 0 or self.patience < 1:
@@ -67,12 +71,9 @@ class EvalConfig:
         allowed = {f"{m}@{k}" for m in ("recall", "ndcg") for k in self.ks}
         if self.stop_metric not in allowed:
             raise ConfigError(f"stop_metric: {self.stop_metric!r} is not one of {sorted(allowed)}")
-        if self.batch_size < 1 or self.item_block < 1:
-            raise ConfigError(
-                f"batch_size, item_block: must be >= 1, got {self.batch_size}, {self.item_block}"
-            )
-        if self.popularity_groups < 1:
-            raise ConfigError(f"popularity_groups: must be >= 1, got {self.popularity_groups}")
+        check_range("batch_size", self.batch_size, 1)
+        check_range("item_block", self.item_block, 1)
+        check_range("popularity_groups", self.popularity_groups, 1)
 
 
 @dataclass
@@ -123,12 +124,13 @@ class FinetuneConfig:
     def validate(self) -> None:
         if self.tenant:
             validate_tenant_name(self.tenant)
+            if self.mlflow.registered_model:
+                validate_model_name(self.mlflow.registered_model, self.tenant)
         if self.backbone != "none" and not self.backbone.startswith("models:/"):
             raise ConfigError(
                 f"backbone: {self.backbone!r} must be models:/NAME@ALIAS, models:/NAME/VERSION or none"
             )
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature: must be positive, got {self.temperature}")
+        check_range("temperature", self.temperature, 0, low_open=True)
         names = [t.name for t in self.tenants]
         if len(set(names)) != len(names):
             raise ConfigError(f"tenants: duplicate names in {names}")

@@ -277,7 +277,7 @@ def run_finetune(cfg: FinetuneConfig, restart: bool = False, progress: bool = Tr
     things went (``output_dir``, ``run_id``, ``model_name``, ``model_version``)."""
     import mlflow
 
-    from unisrec.tracking import config_params, configure_mlflow, git_commit
+    from unisrec.tracking import config_params, configure_mlflow, git_commit, set_experiment
 
     # 1. Names, paths and the MLflow run.
     cfg = resolve_paths(cfg)
@@ -316,7 +316,7 @@ def run_finetune(cfg: FinetuneConfig, restart: bool = False, progress: bool = Tr
         sum(p.numel() for p in model.parameters()),
     )
 
-    mlflow.set_experiment(cfg.mlflow.experiment)
+    set_experiment(cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
     with mlflow.start_run(run_id=resume["run_id"] if resume else None, run_name=cfg.tenant) as run:
         if not resume:
             mlflow.log_params(config_params(cfg))

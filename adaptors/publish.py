@@ -45,8 +45,10 @@ def claim_model_name(name: str, tenant: str) -> None:
 
     try:
         model = MlflowClient().get_registered_model(name)
-    except MlflowException:
-        return  # does not exist yet
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return  # does not exist yet
+        raise  # the registry did not answer the question (down, denied, ...)
     owner = model.tags.get(T.TENANT)
     if owner != tenant:
         raise ConfigError(
@@ -85,7 +87,9 @@ def register_adaptor(
     client = MlflowClient()
     try:
         client.create_registered_model(name, tags={T.TENANT: spec.tenant, T.KIND: "adaptor"})
-    except MlflowException:
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
         claim_model_name(name, spec.tenant)  # created meanwhile: still ours?
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = {"adaptor": str(bundle_dir), "catalogue": str(catalogue_dir)}

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pretrain.model import BackboneConfig
 from unisrec import tags
+from unisrec.config import check_range
 from unisrec.errors import ConfigError
 
 
@@ -17,6 +18,11 @@ class PretrainDataConfig:
     batch_size: int = 256  # sequences per worker per step (global batch = batch_size x workers)
     loader_workers: int = 1  # DataLoader processes per worker reading shards
     shuffle_buffer: int = 2000
+
+    def validate(self) -> None:
+        check_range("batch_size", self.batch_size, 1)
+        check_range("loader_workers", self.loader_workers, 0)
+        check_range("shuffle_buffer", self.shuffle_buffer, 0)
 
 
 @dataclass
@@ -29,18 +35,20 @@ class LossConfig:
     seq_item: bool = True  # false: L = L_seq-seq alone (lam unused), the paper's "w/o S-I"
     seq_seq: bool = True  # false: L = L_seq-item alone, no augmented pass ("w/o S-S")
 
-    def validate(self) -> None:
-        if not (self.seq_item or self.seq_seq):
-            raise ConfigError("seq_item, seq_seq: switch at most one of the two losses off")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature: must be positive, got {self.temperature}")
-
     @property
     def seq_seq_weight(self) -> float:
         """The weight of mean L_seq-seq in the loss: lam, 1 without L_seq-item, 0 if off."""
         if not self.seq_seq:
             return 0.0
         return self.lam if self.seq_item else 1.0
+
+    def validate(self) -> None:
+        if not (self.seq_item or self.seq_seq):
+            raise ConfigError("seq_item, seq_seq: switch at most one of the two losses off")
+        check_range("temperature", self.temperature, 0, low_open=True)
+        check_range("lam", self.lam, 0)
+        for key in ("item_drop_batch_prob", "item_keep_prob", "word_drop_position_prob"):
+            check_range(key, getattr(self, key), 0, 1)
 
 
 @dataclass
@@ -51,6 +59,14 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 disables
     epochs: int = 10
     max_steps: int = 0  # stop after this many steps (0 = run all epochs)
+
+    def validate(self) -> None:
+        check_range("lr", self.lr, 0, low_open=True)
+        check_range("weight_decay", self.weight_decay, 0)
+        check_range("warmup_steps", self.warmup_steps, 0)
+        check_range("grad_clip", self.grad_clip, 0)
+        check_range("epochs", self.epochs, 1)
+        check_range("max_steps", self.max_steps, 0)
 
 
 @dataclass
@@ -71,6 +87,10 @@ class DistributedConfig:
             raise ConfigError(f"zero_stage: must be 0..3, got {self.zero_stage}")
         if self.num_workers < 1:
             raise ConfigError(f"num_workers: must be >= 1, got {self.num_workers}")
+        check_range("cpus_per_worker", self.cpus_per_worker, 1)
+        check_range("checkpoint_every", self.checkpoint_every, 1)
+        check_range("keep_checkpoints", self.keep_checkpoints, 1)
+        check_range("max_failures", self.max_failures, -1)  # -1 = retry for ever (Ray's meaning)
 
 
 @dataclass
@@ -85,8 +105,11 @@ class MlflowConfig:
 class FaultInjection:
     """For tests of recovery: the rank's process exits once at this step (0 = never)."""
 
-    kill_rank: int = 0
+    kill_rank: int = 0  # the rank that exits (or stalls)
     kill_at_step: int = 0
+    # the rank stops responding once at this step, as on a lost node, until its process is
+    # ended (a node drill removes its node); it writes its node id to a marker first (0 = never)
+    stall_at_step: int = 0
 
 
 @dataclass
@@ -101,3 +124,6 @@ class PretrainConfig:
     output_dir: str = "runs/pretrain"
     seed: int = 42
     log_every: int = 10  # steps between metric reports
+
+    def validate(self) -> None:
+        check_range("log_every", self.log_every, 1)

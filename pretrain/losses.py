@@ -49,7 +49,8 @@ def seq_item_loss(
     is_target = (targets.unsqueeze(1) == all_ids.unsqueeze(0)) & candidate  # (Q, K_all)
     if not bool(is_target.any(dim=1).all()):
         raise ValueError("every target item must be among this rank's key_ids")
-    labels = is_target.int().argmax(dim=1)
+    # No keys anywhere (an all-filler batch on one process): no queries either.
+    labels = is_target.int().argmax(dim=1) if is_target.numel() else targets.new_zeros(0)
     return F.cross_entropy(logits, labels, reduction="sum"), int(q.shape[0])
 
 

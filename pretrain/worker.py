@@ -135,6 +135,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 and rank == cfg.fault.kill_rank
             ):
                 _die_once(cfg, rank)
+            if cfg.fault.stall_at_step == state["step"] > 0 and rank == cfg.fault.kill_rank:
+                _stall_once(cfg, rank)
             batch = {k: v.to(device) for k, v in batch.items()}
             out = pretrain_loss(
                 engine,
@@ -260,18 +262,38 @@ def _die_once(cfg: PretrainConfig, rank: int) -> None:
         os._exit(1)
 
 
+def _stall_once(cfg: PretrainConfig, rank: int) -> None:
+    """Write this node's id to a marker, then hang (the first time only)."""
+    import ray
+
+    marker = Path(cfg.output_dir).resolve() / f".stalled-rank{rank}-step{cfg.fault.stall_at_step}"
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_name(f"{marker.name}.tmp")
+        tmp.write_text(ray.get_runtime_context().get_node_id())
+        tmp.replace(marker)  # whole, for whoever watches for it
+        while True:
+            time.sleep(60)
+
+
 class _MetricLogger:
-    """Rank 0's per-step metrics straight into the driver's MLflow run."""
+    """Rank 0's per-step metrics straight into the driver's MLflow run, each step once."""
 
     def __init__(self, tracking_uri: str, run_id: str):
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.run_id = run_id
+        # After a restart the steps since the last checkpoint run again: log each step once.
+        history = self.client.get_metric_history(run_id, "loss")
+        self.last_step = max((m.step for m in history), default=0)
 
     def log(self, metrics: dict, step: int) -> None:
         from mlflow.entities import Metric
 
+        if step <= self.last_step:
+            return
+        self.last_step = step
         now = int(time.time() * 1000)
         self.client.log_batch(
             self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]

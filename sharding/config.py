@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from unisrec.config import check_range
 from unisrec.errors import ConfigError
 
 FORMATS = ("unisrec-atomic", "recbole-atomic", "csv", "amazon-2018", "online-retail")
@@ -43,6 +44,8 @@ class DomainSource:
     def validate(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
             raise ConfigError(f"name: {self.name!r} must be letters, digits, '-' or '_'")
+        if self.kcore is not None:
+            check_range("kcore", self.kcore, 0)
 
 
 @dataclass
@@ -55,6 +58,11 @@ class ProcessingConfig:
     # shuffle for online-retail). See "Tie groups" in docs/data-format.md.
     tie_order: Literal["file", "shuffle"] | None = None
     seed: int = 0  # seeds tie_order: shuffle
+
+    def validate(self) -> None:
+        check_range("kcore", self.kcore, 0)
+        check_range("max_seq_len", self.max_seq_len, 1)
+        check_range("max_text_chars", self.max_text_chars, 1)
 
 
 def resolve_tie_order(source: DomainSource, processing: ProcessingConfig) -> str:
@@ -77,11 +85,20 @@ class EncoderConfig:
     ray_actors: int = 2
     device: str = "auto"  # auto = cuda if available else cpu
 
+    def validate(self) -> None:
+        check_range("max_length", self.max_length, 1)
+        check_range("batch_size", self.batch_size, 1)
+        check_range("word_drop_prob", self.word_drop_prob, 0, 1)
+        check_range("ray_actors", self.ray_actors, 1)
+
 
 @dataclass
 class ShardOutputConfig:
     num_shards: int = 8  # pretraining shards; a multiple of ranks x loader workers reads evenly
     seed: int = 0  # order of sequences across and within shards
+
+    def validate(self) -> None:
+        check_range("num_shards", self.num_shards, 1)
 
 
 @dataclass

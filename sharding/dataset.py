@@ -149,6 +149,36 @@ class Dataset:
         prefix = base.rstrip("/") if base else str(self.root / shards["dir"])
         return [ShardSpec(f"{prefix}/{f['name']}", f["num_samples"]) for f in shards["files"]]
 
+    def check_shards(self, base: str | None = None) -> None:
+        """Check each local pretraining shard's size and sha256 against the manifest.
+
+        Cheap next to a training run, and a bad shard is named here, once, instead of failing
+        every worker that reads it. Shards read from a URL or a ``pipe:`` are not checked.
+        """
+        from sharding.atomic import sha256_file
+
+        if base and ("://" in base or base.startswith("pipe:")):
+            return
+        shards = self.manifest.get("shards") or {"files": []}
+        prefix = Path(base) if base else self.root / shards.get("dir", "shards")
+        for record in shards["files"]:
+            path = prefix / record["name"]
+            fix = "re-run `unisrec shard` or restore the file"
+            if not path.is_file():
+                raise DataError(f"shard listed in the manifest is missing; {fix}", file=path)
+            size = path.stat().st_size
+            if "bytes" in record and size != record["bytes"]:
+                raise DataError(
+                    f"shard is {size} bytes, the manifest says {record['bytes']} "
+                    f"(truncated or replaced); {fix}",
+                    file=path,
+                )
+            if "sha256" in record and sha256_file(path) != record["sha256"]:
+                raise DataError(
+                    f"shard content differs from the manifest's sha256 (corrupt or replaced); {fix}",
+                    file=path,
+                )
+
     def verify(self) -> None:
         """Check every file against the manifest's sha256 digests."""
         from sharding.atomic import sha256_file

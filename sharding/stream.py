@@ -38,8 +38,12 @@ class ShardSpec:
 
 
 def pad_batch(rows: list[dict], batch_size: int) -> dict[str, torch.Tensor]:
-    """Collate decoded samples into a fixed-size padded batch (see module docstring)."""
-    width = max((len(r["items"]) for r in rows), default=1)
+    """Collate decoded samples into a fixed-size padded batch (see module docstring).
+
+    An all-filler batch is 2 columns wide (one input, one target, both padding): the loss
+    still runs its collectives on it, with nothing to score.
+    """
+    width = max((len(r["items"]) for r in rows), default=2)
     items = torch.zeros(batch_size, width, dtype=torch.long)
     lengths = torch.zeros(batch_size, dtype=torch.long)
     first_query = torch.zeros(batch_size, dtype=torch.long)

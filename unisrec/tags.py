@@ -62,3 +62,21 @@ def validate_tenant_name(name: str) -> str:
 def adaptor_model_name(tenant: str) -> str:
     """The registered model a tenant's adaptor goes to by default."""
     return ADAPTOR_MODEL_PREFIX + validate_tenant_name(tenant)
+
+
+def validate_model_name(name: str, tenant: str) -> str:
+    """Return ``name`` if ``tenant`` may register it, else raise ConfigError.
+
+    A tenant's names are ``unisrec-adaptor-<tenant>`` and ``unisrec-adaptor-<tenant>.<variant>``
+    (variant: a-z, 0-9, '_', '-'). The '.' cannot occur in a tenant name, so no tenant's
+    variant is another tenant's name; everything else (other tenants', the backbone's) is
+    reserved.
+    """
+    own = adaptor_model_name(tenant)
+    variant = name[len(own) + 1 :] if name.startswith(f"{own}.") else None
+    if name != own and not (variant and TENANT_PATTERN.fullmatch(variant)):
+        raise ConfigError(
+            f"mlflow.registered_model: {name!r} is not a name tenant {tenant!r} may register; "
+            f"use {own!r} or {own + '.<variant>'!r} (other names are other tenants' or reserved)"
+        )
+    return name
