@@ -34,6 +34,13 @@ from unisrec.tags import adaptor_model_name, validate_model_name, validate_tenan
 class FinetuneDataConfig:
     dir: str = "runs/data"  # dataset directory written by `unisrec shard`
     domain: str = ""  # target domain inside it (must be set)
+    # Train on this fraction of the domain's users (a data-scarce tenant), drawn with `seed`;
+    # valid and test keep every user.
+    train_fraction: float = 1.0
+
+    def validate(self) -> None:
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise ConfigError(f"train_fraction: must be in (0, 1], got {self.train_fraction}")
 
 
 @dataclass

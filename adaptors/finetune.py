@@ -181,9 +181,22 @@ def valid_metrics(
     return metrics_from_ranks(ranks, cfg.eval.ks)
 
 
-def load_windows(dataset: Dataset, domain: str, max_seq_len: int) -> TrainingWindows:
-    """The domain's training windows; refuses a domain with none."""
-    windows = window_tensor(list(dataset.split(domain, "train")["items"]), max_seq_len)
+def training_users(num_users: int, fraction: float, seed: int) -> np.ndarray:
+    """Sorted user indexes of a seeded ``round(fraction * num_users)`` subset (at least one)."""
+    if fraction >= 1.0:
+        return np.arange(num_users)
+    count = max(1, round(fraction * num_users))
+    return np.sort(np.random.default_rng(seed).permutation(num_users)[:count])
+
+
+def load_windows(
+    dataset: Dataset, domain: str, max_seq_len: int, fraction: float = 1.0, seed: int = 0
+) -> TrainingWindows:
+    """The domain's training windows of ``fraction`` of its users
+    (:func:`training_users`); refuses a domain with none."""
+    sequences = list(dataset.split(domain, "train")["items"])
+    sequences = [sequences[u] for u in training_users(len(sequences), fraction, seed)]
+    windows = window_tensor(sequences, max_seq_len)
     if len(windows) == 0:
         raise ConfigError(f"data.domain: {domain!r} has no training sequence of two or more items")
     return windows
@@ -296,7 +309,9 @@ def run_finetune(cfg: FinetuneConfig, restart: bool = False, progress: bool = Tr
     model, spec, trainable = prepare_model(cfg, dataset, backbone_uri)
     model.to(device)
     data = load_eval_data(dataset, cfg.data.domain, model.max_seq_len, device)
-    windows = load_windows(dataset, cfg.data.domain, model.max_seq_len)
+    windows = load_windows(
+        dataset, cfg.data.domain, model.max_seq_len, cfg.data.train_fraction, cfg.seed
+    )
     optimizer = make_optimizer(trainable, cfg)
     loop = _LoopState(best_state=_clone_state(model))
     if resume:

@@ -18,6 +18,9 @@ class PretrainDataConfig:
     batch_size: int = 256  # sequences per worker per step (global batch = batch_size x workers)
     loader_workers: int = 1  # DataLoader processes per worker reading shards
     shuffle_buffer: int = 2000
+    # Pretrain on these pretraining domains of the shards only ([] = all), e.g. [office]
+    # for the paper's Figure 2; held-out losses follow the same choice.
+    domains: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         check_range("batch_size", self.batch_size, 1)
@@ -124,6 +127,10 @@ class PretrainConfig:
     output_dir: str = "runs/pretrain"
     seed: int = 42
     log_every: int = 10  # steps between metric reports
+    # Held-out loss (the shard job's heldout-<domain>.tar, if any) at every epoch end and
+    # also every this many steps (0 = epoch ends only). The registered backbone is the
+    # checkpoint with the lowest held-out loss.
+    heldout_every: int = 0
 
     def validate(self) -> None:
         check_range("log_every", self.log_every, 1)

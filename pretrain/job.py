@@ -3,8 +3,9 @@
 1. open an MLflow run: the whole config as params, the dataset manifest as an input, git commit
 2. Ray Train ``TorchTrainer`` runs :func:`pretrain.worker.train_loop_per_worker` on N workers
    (restarted from the last checkpoint on failure; ``--resume`` continues a stopped run)
-3. consolidate the final DeepSpeed checkpoint into one fp32 backbone
-4. register it (lineage tags + alias) and write ``summary.json`` to the output directory
+3. consolidate the checkpoint with the lowest held-out loss (the final one when the dataset
+   holds nothing out) into one fp32 backbone
+4. register it (lineage tags, which checkpoint, alias) and write ``summary.json``
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def _run_pretrain(cfg: PretrainConfig, resume: bool, opened: dict[str, str]) -> 
         ),
     )
     dataset = Dataset(cfg.data.dir)
-    dataset.shard_specs(cfg.data.shard_base or None)  # fail here, not in every worker
+    dataset.shard_specs(cfg.data.shard_base or None, cfg.data.domains)  # fail here, not in workers
     dataset.check_shards(cfg.data.shard_base or None)  # a truncated shard: named, before Ray
 
     # 1. The MLflow run (the same one again on --resume).
@@ -105,6 +106,12 @@ def _run_pretrain(cfg: PretrainConfig, resume: bool, opened: dict[str, str]) -> 
     # 2. Ray Train: N DeepSpeed workers; a failed worker restarts the group from the last checkpoint.
     ensure_ray(cfg.distributed.ray_address)
     storage = Path(cfg.distributed.storage_path or out / "ray").resolve()
+    # Ray keeps the best checkpoints by held-out loss (and always the latest one).
+    scored = (
+        {"checkpoint_score_attribute": "heldout_score", "checkpoint_score_order": "min"}
+        if dataset.heldout_specs(cfg.data.shard_base or None, cfg.data.domains)
+        else {}
+    )
     resources = {"CPU": cfg.distributed.cpus_per_worker}
     if cfg.distributed.use_gpu:
         resources["GPU"] = 1
@@ -123,7 +130,9 @@ def _run_pretrain(cfg: PretrainConfig, resume: bool, opened: dict[str, str]) -> 
                 storage_path=str(storage),
                 # Restarts are made by _fit_with_restarts, which knows which errors repeat.
                 failure_config=FailureConfig(max_failures=0),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.distributed.keep_checkpoints),
+                checkpoint_config=CheckpointConfig(
+                    num_to_keep=cfg.distributed.keep_checkpoints, **scored
+                ),
                 # Ray Train's per-step messages only with -v: rank 0 prints its own progress line.
                 logging_config=LoggingConfig(log_level="INFO" if verbose() else "ERROR"),
             ),
@@ -135,9 +144,16 @@ def _run_pretrain(cfg: PretrainConfig, resume: bool, opened: dict[str, str]) -> 
     if result.checkpoint is None:
         raise RuntimeError("pretraining finished without a checkpoint")
 
-    # 3. One fp32 backbone from the final (possibly ZeRO-partitioned) checkpoint.
-    model, final_metrics = _consolidate(result.checkpoint, cfg, dataset.encoder_dim)
-    final_metrics.update(_last_losses(run_id))
+    # 3. One fp32 backbone from the best (possibly ZeRO-partitioned) checkpoint.
+    chosen = _best_checkpoint(result)
+    model, chosen_state = _consolidate(chosen, cfg, dataset.encoder_dim)
+    final_metrics = {**_train_state(result.checkpoint), **_last_losses(run_id)}
+    best = final_metrics.get("best")  # the held-out record of the chosen checkpoint
+    chosen_tags = {
+        tags.CHECKPOINT_STEP: str(chosen_state.get("step")),
+        tags.CHECKPOINT_EPOCH: f"{best['epoch']:.3f}" if best else str(chosen_state.get("epoch")),
+        tags.HELDOUT_LOSS: f"{best['heldout_loss']:.6f}" if best else "none",
+    }
 
     # 4. Register with lineage, then the summary.
     from pretrain.registry import register_backbone
@@ -151,6 +167,7 @@ def _run_pretrain(cfg: PretrainConfig, resume: bool, opened: dict[str, str]) -> 
         encoder=dataset.encoder_name,
         encoder_dim=dataset.encoder_dim,
         config_hash=config_hash(cfg),
+        extra_tags=chosen_tags,
     )
     history = _metric_history(run_id)
     summary = {
@@ -171,6 +188,10 @@ def _run_pretrain(cfg: PretrainConfig, resume: bool, opened: dict[str, str]) -> 
         "final_loss_seq_seq": final_metrics.get("loss_seq_seq"),
         "first_loss": history[0][1] if history else None,
         "checkpoint": result.checkpoint.path,
+        "registered_checkpoint": chosen.path,
+        "registered_step": chosen_state.get("step"),
+        "best_heldout": best,  # step, epoch, heldout_loss (+ per domain) of the registered one
+        "heldout_history": _metric_history(run_id, "heldout_loss"),
         "num_workers": cfg.distributed.num_workers,
         "zero_stage": cfg.distributed.zero_stage,
     }
@@ -224,6 +245,23 @@ def _deterministic_error(err: Exception) -> Exception | None:
     return None
 
 
+def _best_checkpoint(result):
+    """The kept checkpoint with the lowest finite held-out loss, else the final one."""
+    scored = [
+        (metrics["heldout_score"], checkpoint)
+        for checkpoint, metrics in (result.best_checkpoints or [])
+        if metrics.get("heldout_score", float("inf")) < float("inf")
+    ]
+    return min(scored, key=lambda pair: pair[0])[1] if scored else result.checkpoint
+
+
+def _train_state(checkpoint) -> dict:
+    from pretrain.worker import STATE_FILE
+
+    path = Path(checkpoint.path) / STATE_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def _consolidate(checkpoint, cfg: PretrainConfig, text_dim: int):
     """Merge the checkpoint in a Ray task (DeepSpeed stays out of the driver process)."""
     import ray
@@ -231,14 +269,11 @@ def _consolidate(checkpoint, cfg: PretrainConfig, text_dim: int):
 
     from pretrain.consolidate import consolidated_state_dict
     from pretrain.model import UniSRec
-    from pretrain.worker import STATE_FILE
 
     state_dict = ray.get(ray.remote(num_cpus=1)(consolidated_state_dict).remote(checkpoint.path))
     model = UniSRec(cfg.model, text_dim=text_dim)
     model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()})
-    state_path = Path(checkpoint.path) / STATE_FILE
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    return model, state
+    return model, _train_state(checkpoint)
 
 
 def _last_losses(run_id: str) -> dict:
@@ -273,7 +308,7 @@ def _plot_loss(run_id: str, path: Path) -> None:
     import mlflow
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for key in ("loss", "loss_seq_item"):
+    for key in ("loss", "loss_seq_item", "heldout_loss"):
         history = _metric_history(run_id, key)
         if history:
             axes[0].plot(*zip(*history), label=key)

@@ -28,8 +28,10 @@ def register_backbone(
     encoder: str,
     encoder_dim: int,
     config_hash: str,
+    extra_tags: dict[str, str] | None = None,
 ) -> str:
-    """Log ``model`` to run ``run_id``, register it as ``name``, tag and alias it.
+    """Log ``model`` to run ``run_id``, register it as ``name``, tag and alias it
+    (``extra_tags``: more version tags, e.g. which checkpoint it is).
 
     Returns the new model version.
     """
@@ -43,6 +45,7 @@ def register_backbone(
         T.ENCODER_DIM: str(encoder_dim),
         T.CONFIG_HASH: config_hash,
         T.RUN_ID: run_id,
+        **(extra_tags or {}),
     }
     model = model.cpu().eval()
     with mlflow.start_run(run_id=run_id):

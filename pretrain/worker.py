@@ -58,6 +58,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
 
     from pretrain.gather import Gather
+    from pretrain.heldout import heldout_losses
     from pretrain.losses import pretrain_loss
     from pretrain.model import UniSRec
     from sharding.dataset import Dataset
@@ -80,7 +81,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     text_table = torch.from_numpy(dataset.global_embeddings()).to(device)
     worddrop_table = torch.from_numpy(dataset.global_embeddings(worddrop=True)).to(device)
     stream = ShardStream(
-        dataset.shard_specs(cfg.data.shard_base or None),
+        dataset.shard_specs(cfg.data.shard_base or None, cfg.data.domains),
         batch_size=cfg.data.batch_size,
         rank=rank,
         world_size=world,
@@ -88,6 +89,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         seed=cfg.seed,
         shuffle_buffer=cfg.data.shuffle_buffer,
     )
+    heldout = dataset.heldout_specs(cfg.data.shard_base or None, cfg.data.domains)  # {} = none
 
     # 2. Model: the same seeded initialisation on every rank, then DeepSpeed.
     torch.manual_seed(cfg.seed)
@@ -185,8 +187,29 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     sys.stdout.write(line + "\n")  # not print: Ray Train's patch echoes it twice
                     sys.stdout.flush()
             end_of_epoch = state["batch_in_epoch"] == epoch_length
-            if done or end_of_epoch or state["step"] % cfg.distributed.checkpoint_every == 0:
-                _save_and_report(engine, state, rank, metrics, final=done)
+            score = float("inf")  # checkpoints without a held-out loss rank last
+            every = cfg.heldout_every and state["step"] % cfg.heldout_every == 0
+            if heldout and (done or end_of_epoch or every):
+                held = heldout_losses(
+                    engine, heldout, text_table, worddrop_table, cfg, gather, device
+                )
+                engine.train()
+                score = held["heldout_loss"]
+                epochs_done = state["epoch"] + state["batch_in_epoch"] / epoch_length
+                best = state.get("best")
+                if best is None or score < best["heldout_loss"]:
+                    state["best"] = {"step": state["step"], "epoch": epochs_done, **held}
+                if logger:
+                    logger.log({**held, "heldout_epoch": epochs_done}, state["step"])
+            if (
+                done
+                or end_of_epoch
+                or score != float("inf")
+                or state["step"] % cfg.distributed.checkpoint_every == 0
+            ):
+                _save_and_report(
+                    engine, state, rank, {**metrics, "heldout_score": score}, final=done
+                )
             if done:
                 break
         else:

@@ -23,6 +23,10 @@ class DomainSource:
     format: Literal["unisrec-atomic", "recbole-atomic", "csv", "amazon-2018", "online-retail"]
     path: str  # directory holding the files (or, for online-retail, the table file itself)
     pretrain: bool = False  # include this domain's training sequences in the pretraining shards
+    # pretraining domains: also encode each item's word-dropped text (the seq-seq loss's
+    # word-drop view); false = that view reads the plain vectors (saves a second encoding
+    # pass over a large catalogue; the view then differs from its sequence by item drop only)
+    word_drop: bool = True
     dataset: str = ""  # file stem of atomic files ("Scientific" -> Scientific.text); default: the single *.text / *.inter file's stem
     interactions: str = ""  # csv/amazon-2018: interactions or reviews file name inside path
     items: str = ""  # csv/amazon-2018: item-text or metadata file name inside path
@@ -96,8 +100,14 @@ class EncoderConfig:
 class ShardOutputConfig:
     num_shards: int = 8  # pretraining shards; a multiple of ranks x loader workers reads evenly
     seed: int = 0  # order of sequences across and within shards
+    # Fraction of each pretraining domain's users (seeded by `seed`) whose training windows go
+    # to held-out shards (one per domain) instead of the training shards: the held-out
+    # pretraining loss and the choice of the best checkpoint read them. 0 = none.
+    heldout_fraction: float = 0.0
 
     def validate(self) -> None:
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ConfigError(f"heldout_fraction: must be in [0, 1), got {self.heldout_fraction}")
         check_range("num_shards", self.num_shards, 1)
 
 

@@ -127,9 +127,10 @@ class Dataset:
             )[1:]
         return table
 
-    def shard_specs(self, base: str | None = None):
+    def shard_specs(self, base: str | None = None, domains: list[str] | None = None):
         """Pretraining shards as :class:`sharding.stream.ShardSpec`, under ``base`` (default:
-        this directory's ``shards/``; a URL or ``pipe:`` prefix reads them from elsewhere)."""
+        this directory's ``shards/``; a URL or ``pipe:`` prefix reads them from elsewhere).
+        ``domains``: read only these pretraining domains' samples (None or [] = all)."""
         from sharding.pretrain_shards import SAMPLE_VERSION
         from sharding.stream import ShardSpec
 
@@ -147,7 +148,35 @@ class Dataset:
                 field="shards.sample_version",
             )
         prefix = base.rstrip("/") if base else str(self.root / shards["dir"])
-        return [ShardSpec(f"{prefix}/{f['name']}", f["num_samples"]) for f in shards["files"]]
+        if not domains:
+            return [ShardSpec(f"{prefix}/{f['name']}", f["num_samples"]) for f in shards["files"]]
+        unknown = sorted(set(domains) - set(shards["domains"]))
+        if unknown:
+            raise DataError(
+                f"data.domains: {unknown} are not pretraining domains of this dataset "
+                f"(it has {shards['domains']})",
+                file=self.root / MANIFEST,
+                field="shards.domains",
+            )
+        wanted = tuple(sorted(domains))
+        return [
+            ShardSpec(f"{prefix}/{f['name']}", sum(f["domains"].get(d, 0) for d in wanted), wanted)
+            for f in shards["files"]
+        ]
+
+    def heldout_specs(self, base: str | None = None, domains: list[str] | None = None) -> dict:
+        """Held-out pretraining shards by domain, ``{domain: [ShardSpec]}`` (empty when the
+        shard job held out no users; see ``shards.heldout_fraction``), of ``domains`` only
+        when given."""
+        from sharding.stream import ShardSpec
+
+        shards = self.manifest.get("shards") or {}
+        prefix = base.rstrip("/") if base else str(self.root / shards.get("dir", "shards"))
+        return {
+            f["domain"]: [ShardSpec(f"{prefix}/{f['name']}", f["num_samples"])]
+            for f in shards.get("heldout", [])
+            if not domains or f["domain"] in domains
+        }
 
     def check_shards(self, base: str | None = None) -> None:
         """Check each local pretraining shard's size and sha256 against the manifest.

@@ -20,7 +20,13 @@ import pandas as pd
 from sharding.atomic import replace_directory, sha256_file
 from sharding.config import ShardJobConfig
 from sharding.dataset import FORMAT_VERSION, MANIFEST
-from sharding.pretrain_shards import SAMPLE_VERSION, pretraining_samples, write_shards
+from sharding.pretrain_shards import (
+    SAMPLE_VERSION,
+    heldout_users,
+    pretraining_samples,
+    write_heldout_shards,
+    write_shards,
+)
 from sharding.processing import leave_one_out
 from sharding.types import DomainSequences
 from unisrec.config import to_dict
@@ -99,7 +105,12 @@ def _write_into(
     shards = None
     if pretrain_inputs:
         samples = pretraining_samples(pretrain_inputs, max_seq_len)
-        records = write_shards(samples, root / "shards", cfg.shards.num_shards, cfg.shards.seed)
+        held = heldout_users(pretrain_inputs, cfg.shards.heldout_fraction, cfg.shards.seed)
+        train = [s for s in samples if (s.domain, s.user) not in held]
+        records = write_shards(train, root / "shards", cfg.shards.num_shards, cfg.shards.seed)
+        heldout = write_heldout_shards(
+            [s for s in samples if (s.domain, s.user) in held], root / "shards"
+        )
         shards = {
             "dir": "shards",
             "sample_version": SAMPLE_VERSION,
@@ -107,6 +118,8 @@ def _write_into(
             "num_samples": sum(r["num_samples"] for r in records),
             "domains": [name for name, *_ in pretrain_inputs],
             "files": records,
+            "heldout_fraction": cfg.shards.heldout_fraction,
+            "heldout": heldout,
         }
 
     digests = {

@@ -57,7 +57,7 @@ def run_shard_job(cfg: ShardJobConfig, out: str | Path, progress: bool = True) -
     # embedding cache answers them.
     dropped: dict[str, list[str]] = {}
     for source, seqs in domains:
-        if source.pretrain:
+        if source.pretrain and source.word_drop:
             rng = random.Random(f"{cfg.shards.seed}:{seqs.name}")
             dropped[seqs.name] = [
                 word_drop(t, cfg.encoder.word_drop_prob, rng) for t in seqs.item_texts
@@ -76,7 +76,7 @@ def run_shard_job(cfg: ShardJobConfig, out: str | Path, progress: bool = True) -
             )
         ]
         wd = None
-        if source.pretrain:
+        if source.pretrain and source.word_drop:
             rows = np.fromiter(
                 (dropped_row[t] for t in dropped[seqs.name]),
                 dtype=np.int64,

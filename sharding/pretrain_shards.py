@@ -14,6 +14,10 @@ manifest); version 1 samples had no ``first_query`` and are refused.
 Samples of all domains are shuffled together (seeded) and dealt round-robin into
 ``num_shards`` shards: domains interleave across and within shards, and shard sizes differ
 by at most one.
+
+With ``heldout_fraction > 0`` a seeded fraction of each domain's users is held out: all
+their windows go to ``heldout-<domain>.tar`` (one shard per domain, in sample order) and
+none to the training shards, for the held-out pretraining loss.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from sharding.windows import training_windows
 
 SHARD_PATTERN = "pretrain-{index:06d}.tar"
 SAMPLE_VERSION = 2  # 2: samples carry first_query (1: overlapping windows, every position)
+HELDOUT_PATTERN = "heldout-{domain}.tar"
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,46 @@ def pretraining_samples(
                     )
                 )
     return samples
+
+
+def heldout_users(
+    domains: Iterable[tuple[str, int, int, list[np.ndarray]]], fraction: float, seed: int
+) -> set[tuple[str, int]]:
+    """``(domain, user)`` pairs held out of pretraining: ``round(fraction * users)`` users of
+    each domain (at least one when ``fraction > 0``), drawn with ``Random(f"{seed}:{domain}")``
+    so the choice depends only on the seed and the domain's own user count."""
+    held: set[tuple[str, int]] = set()
+    if fraction <= 0:
+        return held
+    for name, _, _, sequences in domains:
+        count = min(len(sequences), max(1, round(fraction * len(sequences))))
+        chosen = random.Random(f"{seed}:{name}").sample(range(len(sequences)), count)
+        held.update((name, user) for user in chosen)
+    return held
+
+
+def write_heldout_shards(samples: list[PretrainSample], out_dir: Path) -> list[dict]:
+    """One shard per domain of ``samples`` (held-out windows), in sample order; records as
+    :func:`write_shards` plus ``domain``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_domain: dict[str, list[PretrainSample]] = {}
+    for sample in samples:
+        by_domain.setdefault(sample.domain, []).append(sample)
+    records = []
+    for domain, members in by_domain.items():
+        name = HELDOUT_PATTERN.format(domain=domain)
+        with atomic_path(out_dir / name) as tmp:
+            _write_tar(tmp, members)
+        records.append(
+            {
+                "name": name,
+                "domain": domain,
+                "num_samples": len(members),
+                "sha256": sha256_file(out_dir / name),
+                "bytes": (out_dir / name).stat().st_size,
+            }
+        )
+    return records
 
 
 def write_shards(

@@ -34,7 +34,8 @@ from unisrec.errors import DataError
 @dataclass(frozen=True)
 class ShardSpec:
     url: str  # local path, http(s) URL or "pipe:CMD"
-    num_samples: int
+    num_samples: int  # samples read from it (of `domains` only, when set)
+    domains: tuple[str, ...] = ()  # read only these domains' samples; () = all
 
 
 def pad_batch(rows: list[dict], batch_size: int) -> dict[str, torch.Tensor]:
@@ -99,6 +100,9 @@ def _read_shards(shards: list[ShardSpec]) -> Iterator[dict]:
         count = 0
         try:
             for raw in wds.tarfile_to_samples()(iter([{"url": spec.url}])):
+                sample = json.loads(raw["json"])
+                if spec.domains and sample["domain"] not in spec.domains:
+                    continue
                 count += 1
                 sample = json.loads(raw["json"])
                 if "first_query" not in sample:

@@ -52,6 +52,7 @@ def write_small_dataset(
     encoder_name: str = TEST_ENCODER["name"],
     pretrain_domains: tuple[str, ...] = (),
     item_key: str = "{domain}-item-{i}",
+    heldout_fraction: float = 0.0,
 ) -> Path:
     """Write a dataset directory of ``domains`` under ``root``; returns its path."""
     rng = np.random.default_rng(seed)
@@ -67,7 +68,7 @@ def write_small_dataset(
     cfg = ShardJobConfig(
         domains=[],
         processing=ProcessingConfig(max_seq_len=max_seq_len),
-        shards=ShardOutputConfig(num_shards=2),
+        shards=ShardOutputConfig(num_shards=2, heldout_fraction=heldout_fraction),
     )
     encoder = {**TEST_ENCODER, "name": encoder_name, "dim": dim}
     write_dataset(Path(root), encoded, encoder, cfg)

@@ -16,7 +16,7 @@ import pytest
 from unisrec.jobs import JOB_CONFIGS, config_class
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("unisrec", "sharding", "pretrain", "adaptors", "cluster")
+PACKAGES = ("unisrec", "sharding", "pretrain", "adaptors", "cluster", "experiments")
 # Layers, lowest first: a module may import its own layer and the layers below it.
 FOUNDATIONS = {
     "unisrec",
@@ -27,7 +27,7 @@ FOUNDATIONS = {
     "unisrec.tags",
     "unisrec.tracking",
 }
-LAYERS = ["foundations", "sharding", "pretrain", "adaptors", "cluster", "top"]
+LAYERS = ["foundations", "sharding", "pretrain", "adaptors", "cluster", "experiments", "top"]
 TOP = {"unisrec.cli", "unisrec.demo"}  # recipes nobody imports
 
 

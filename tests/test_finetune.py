@@ -415,3 +415,22 @@ def test_finetune_command_reads_yaml_and_overrides_and_prints_the_summary(store,
     summary = json.loads(capsys.readouterr().out)
     assert (summary["tenant"], summary["mode"], summary["epochs_run"]) == ("cli", "transductive", 1)
     assert (tmp_path / "runs" / "cli" / "metrics.json").is_file()
+
+
+def test_train_fraction_keeps_a_seeded_subset_of_training_users_only(tmp_path):
+    """data.train_fraction: windows of round(f * users) users, the same ones for the same
+    seed; valid and test are not touched (they are read elsewhere, from every user)."""
+    from adaptors.finetune import load_windows, training_users
+    from sharding.dataset import Dataset
+
+    ds = Dataset(write_small_dataset(tmp_path / "data", num_users=40))
+    train = ds.split("office", "train")
+    chosen = training_users(40, 0.25, seed=3)
+    assert len(chosen) == 10 and len(set(chosen.tolist())) == 10
+    assert (training_users(40, 0.25, seed=3) == chosen).all()
+    assert (training_users(40, 0.25, seed=4) != chosen).any()
+    expected = window_tensor([train["items"][u] for u in chosen], 10)
+    assert torch.equal(load_windows(ds, "office", 10, fraction=0.25, seed=3), expected)
+    assert torch.equal(load_windows(ds, "office", 10), window_tensor(list(train["items"]), 10))
+    with pytest.raises(ConfigError, match="train_fraction"):
+        load_config(FinetuneConfig, None, ["data.train_fraction=0"])

@@ -64,3 +64,51 @@ def test_shards_are_balanced_and_byte_identical_for_the_same_seed(tmp_path):
     assert [r["num_samples"] for r in first] == [4, 4, 3]
     assert [r["sha256"] for r in first] == [r["sha256"] for r in second]
     assert not list((tmp_path / "one").glob(".*tmp*"))
+
+
+def test_heldout_users_go_to_their_own_shard_and_never_to_training(tmp_path):
+    """shards.heldout_fraction: a seeded 25% of each domain's users, all their windows in
+    heldout-<domain>.tar, none of them in the training shards; the rest untouched."""
+    import json
+
+    import webdataset as wds
+
+    from sharding.dataset import Dataset
+    from tests.helpers_data import write_small_dataset
+
+    root = write_small_dataset(
+        tmp_path / "data",
+        domains=("office", "games", "target"),
+        num_users=40,
+        pretrain_domains=("office", "games"),
+        heldout_fraction=0.25,
+    )
+    ds = Dataset(root)
+    heldout = ds.heldout_specs()
+    assert sorted(heldout) == ["games", "office"]
+
+    def users(specs):
+        out = set()
+        for spec in specs:
+            for raw in wds.tarfile_to_samples()(iter([{"url": spec.url}])):
+                sample = json.loads(raw["json"])
+                out.add((sample["domain"], sample["user"]))
+        return out
+
+    training = users(ds.shard_specs())
+    for domain, specs in heldout.items():
+        held = users(specs)
+        assert 0 < len(held) <= 10 and {d for d, _ in held} == {domain}  # 25% of 40 users
+        assert not held & training
+        # Every user of the domain with a training window is in exactly one of the two.
+        train = ds.split(domain, "train")
+        everyone = {(domain, int(u)) for u, i in zip(train["user"], train["items"]) if len(i) > 1}
+        assert held | {p for p in training if p[0] == domain} == everyone
+    again = write_small_dataset(
+        tmp_path / "again",
+        domains=("office", "games", "target"),
+        num_users=40,
+        pretrain_domains=("office", "games"),
+        heldout_fraction=0.25,
+    )
+    assert users(Dataset(again).heldout_specs()["games"]) == users(heldout["games"])

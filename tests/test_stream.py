@@ -126,3 +126,19 @@ def test_version_1_sample_without_first_query_is_an_error_naming_shard_and_field
         sink.write({"__key__": "a-0-0", "json": {"items": [1, 2], "sample_id": 0, "domain_id": 0}})
     with pytest.raises(DataError, match=r"pretrain-000000.tar: field 'first_query'"):
         list(ShardStream([ShardSpec(str(path), 1)], 4).epoch(0))
+
+
+def test_a_rank_without_shards_yields_filler_batches_the_loss_can_slice(tmp_path):
+    """One held-out shard, two ranks: rank 1 reads only filler batches. They must still have
+    an input and a target column (a width-1 filler made next_item_targets raise)."""
+    from pretrain.losses import next_item_targets
+
+    samples = pretraining_samples([("a", 0, 0, [np.arange(1, 5)] * 3)], 50)
+    records = write_shards(samples, tmp_path, num_shards=1, seed=0)
+    specs = [ShardSpec(str(tmp_path / r["name"]), r["num_samples"]) for r in records]
+    assert ShardStream(specs, batch_size=2, rank=0, world_size=2).assignment(0)[1] == [[]]
+    batches = list(ShardStream(specs, batch_size=2, rank=1, world_size=2).epoch(0))
+    assert len(batches) == 2 and all((b["lengths"] == 0).all() for b in batches)
+    for batch in batches:
+        _, inputs, targets, query_mask = next_item_targets(batch)
+        assert inputs.shape[1] == targets.shape[1] >= 1 and not query_mask.any()

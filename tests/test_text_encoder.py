@@ -244,3 +244,47 @@ def test_ray_data_actors_give_the_local_vectors_in_input_order_on_loopback(tiny_
         remote = encode_with_ray(texts, cfg, progress=False)
     np.testing.assert_allclose(remote, local, atol=1e-5)
     assert "not loopback" not in caplog.text
+
+
+def test_a_domain_without_word_drop_is_not_encoded_twice_and_reads_its_plain_vectors(
+    tiny_bert, tmp_path
+):
+    """domains[].word_drop: false -> no word-drop pass for that domain: no
+    embeddings_worddrop.npy, and the word-drop table reads its plain vectors; a domain
+    with word_drop keeps its own word-drop vectors."""
+    from sharding.config import DomainSource, ShardJobConfig
+    from sharding.dataset import Dataset
+    from sharding.job import run_shard_job
+
+    sources = []
+    for name, word_drop_on in (("books", True), ("games", False)):
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = [f"u{u},i{(u + t) % 8},{t}" for u in range(6) for t in range(6)]
+        (folder / "interactions.csv").write_text("user,item,timestamp\n" + "\n".join(rows))
+        (folder / "items.csv").write_text(
+            "item,text\n" + "\n".join(f"i{i},{name} {TEXTS[i]}" for i in range(8))
+        )
+        sources.append(
+            DomainSource(
+                name=name,
+                format="csv",
+                path=str(folder),
+                interactions="interactions.csv",
+                items="items.csv",
+                pretrain=True,
+                word_drop=word_drop_on,
+            )
+        )
+    cfg = ShardJobConfig(
+        domains=sources,
+        encoder=EncoderConfig(model=tiny_bert, cache_dir="", word_drop_prob=0.5),
+    )
+    cfg.processing.kcore = 0
+    run_shard_job(cfg, tmp_path / "data", progress=False)
+    ds = Dataset(tmp_path / "data")
+    files = {n: ds.manifest["domains"][n]["files"] for n in ("books", "games")}
+    assert "embeddings_worddrop" in files["books"]
+    assert "embeddings_worddrop" not in files["games"]
+    assert np.array_equal(ds.embeddings("games", worddrop=True), ds.embeddings("games"))
+    assert not np.array_equal(ds.embeddings("books", worddrop=True), ds.embeddings("books"))

@@ -96,6 +96,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from experiments.runner import run_experiment
+
+    cfg = _load("experiment", args.config, args.overrides)
+    only = [c for c in (args.only or "").split(",") if c]
+    summary = run_experiment(cfg, only=only, report_only=args.report_only)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from unisrec.demo import SMOKE, run_demo
 
@@ -194,6 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the stopped run in output_dir from its last checkpoint",
     )
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser(
+        "experiment",
+        help="a grid of pretraining and fine-tuning cells as Ray tasks; tables and figures",
+        description="Reads CONFIG (see benchmarks/configs/experiment-scientific.yaml) and the "
+        "dataset directory data_dir. Runs every pretraining and fine-tuning cell not yet in "
+        "output_dir/results.json (one MLflow parent run, a child run per cell) and writes "
+        "output_dir/report/ (markdown, JSON and PNG tables and figures).",
+    )
+    p.add_argument("config", help="experiment YAML")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1]")
+    p.add_argument("--only", help="run only these cells (comma-separated names)")
+    p.add_argument("--report-only", action="store_true", help="run nothing; rewrite the reports")
+    p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser(
         "demo",

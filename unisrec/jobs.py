@@ -12,6 +12,7 @@ JOB_CONFIGS = {
     "pretrain": "pretrain.config:PretrainConfig",
     "finetune": "adaptors.config:FinetuneConfig",
     "demo": "unisrec.demo:DemoConfig",
+    "experiment": "experiments.config:ExperimentConfig",
 }
 
 

@@ -41,6 +41,10 @@ PROMOTED_FROM = "unisrec.promoted_from"  # the production version before, or "no
 # Set on a version made by `unisrec catalogue add`: same weights, a longer catalogue.
 EXTENDS_VERSION = "unisrec.extends_version"
 ADDED_ITEMS = "unisrec.added_items"
+# On a backbone version: the checkpoint it is (lowest held-out pretraining loss, or the last).
+CHECKPOINT_STEP = "unisrec.checkpoint_step"
+CHECKPOINT_EPOCH = "unisrec.checkpoint_epoch"  # epochs completed at that step (fractional)
+HELDOUT_LOSS = "unisrec.heldout_loss"  # its held-out loss ("none" without held-out shards)
 
 # Tenant names end up in model names, run names and directory names: keep them boring.
 TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
