@@ -3,11 +3,18 @@
 An adaptor *bundle* is a directory of two files (format in docs/data-format.md)::
 
     spec.json     AdaptorSpec: how to rebuild the model skeleton, and its lineage
-    trained.pt    state dict of the trained parameters only: the MoE adaptor (+ item ID
-                  embeddings, transductive); everything when the whole model was trained
+    trained.pt    state dict of the trained parameters only: the MoE adaptor and the encoder's
+                  input LayerNorm (+ item ID embeddings, transductive); everything when the
+                  whole model was trained
 
-so a registered adaptor stays small: the frozen backbone is not copied, it is loaded by its
-lineage (``models:/<backbone_name>/<backbone_version>``) and the bundle applied on top.
+so a bundle stays small: the frozen backbone is not copied, it is loaded by its lineage
+(``models:/<backbone_name>/<backbone_version>``) and the bundle applied on top. A *registered*
+adaptor also carries that backbone, resolved when it is logged, as a third directory::
+
+    backbone.json   BackboneConfig fields and text_dim
+    backbone.pt     the backbone's state dict
+
+so it loads and serves without the tracking server (adaptors/publish.py).
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from unisrec.errors import ConfigError, DataError
 SPEC_FILE = "spec.json"
 STATE_FILE = "trained.pt"
 SPEC_VERSION = 1
+BACKBONE_STATE_FILE = "backbone.pt"
+BACKBONE_CONFIG_FILE = "backbone.json"
 
 
 @dataclass
@@ -97,12 +106,13 @@ def build_model(spec: AdaptorSpec, backbone: UniSRec | None = None) -> SequenceR
 
 
 def trained_state(model: SequenceRecommender, spec: AdaptorSpec) -> dict[str, torch.Tensor]:
-    """The parameters a bundle stores: all of them, or only the adaptor's (+ ID embeddings)."""
+    """The parameters a bundle stores: all of them, or only
+    :meth:`SequenceRecommender.tuned_parameters` (adaptor, input LayerNorm, ID embeddings)."""
     state = model.state_dict()
-    if spec.trains_everything:
-        return {k: v.detach().cpu().clone() for k, v in state.items()}
-    keep = ("adaptor.", "item_ids.")
-    return {k: v.detach().cpu().clone() for k, v in state.items() if k.startswith(keep)}
+    if not spec.trains_everything:
+        tuned = {id(p) for p in model.tuned_parameters()}
+        state = {n: p for n, p in model.named_parameters() if id(p) in tuned}
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 def write_bundle(directory: Path, spec: AdaptorSpec, state: dict[str, torch.Tensor]) -> Path:
@@ -128,17 +138,44 @@ def read_spec(directory: Path) -> AdaptorSpec:
         raise DataError(str(err), file=path) from err
 
 
-def load_bundle(directory: Path) -> tuple[SequenceRecommender, AdaptorSpec]:
-    """Rebuild a tenant's model from a bundle, pulling its backbone by lineage if needed.
+def write_backbone(directory: Path, backbone: UniSRec) -> Path:
+    """A backbone's weights as a plain directory (``backbone.json`` + ``backbone.pt``)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
+    torch.save(state, directory / BACKBONE_STATE_FILE)
+    meta = {"backbone_config": asdict(backbone.cfg), "text_dim": backbone.text_dim}
+    (directory / BACKBONE_CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return directory
 
-    Returns the model on the CPU in eval mode and its spec.
+
+def read_backbone(directory: Path) -> UniSRec:
+    """The backbone :func:`write_backbone` wrote, on the CPU in eval mode."""
+    directory = Path(directory)
+    meta = json.loads((directory / BACKBONE_CONFIG_FILE).read_text(encoding="utf-8"))
+    cfg = from_dict(BackboneConfig, _without_removed_keys(meta["backbone_config"]))
+    model = UniSRec(cfg, text_dim=int(meta["text_dim"]))
+    state = torch.load(directory / BACKBONE_STATE_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def load_bundle(
+    directory: Path, backbone_dir: Path | None = None
+) -> tuple[SequenceRecommender, AdaptorSpec]:
+    """Rebuild a tenant's model from a bundle on top of its backbone: read from
+    ``backbone_dir`` (see :func:`write_backbone`) if given, else pulled from the registry by
+    lineage. Returns the model on the CPU in eval mode and its spec.
     """
-    from pretrain.registry import load_backbone
-
     spec = read_spec(directory)
     backbone = None
     if not spec.trains_everything:
-        backbone = load_backbone(spec.backbone_uri)
+        if backbone_dir is not None:
+            backbone = read_backbone(backbone_dir)
+        else:
+            from pretrain.registry import load_backbone
+
+            backbone = load_backbone(spec.backbone_uri)
     model = build_model(spec, backbone)
     state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
     missing, unexpected = model.load_state_dict(state, strict=False)

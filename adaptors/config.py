@@ -8,8 +8,10 @@ What trains, by ``baseline`` / ``backbone`` / ``mode`` / ``full_finetune``:
 ===========  ===========  =============  ==============  ====================================
 baseline     backbone     mode           full_finetune   trained parameters
 ===========  ===========  =============  ==============  ====================================
-unisrec      models:/...  inductive      false           MoE adaptor (backbone frozen)
-unisrec      models:/...  transductive   false           MoE adaptor + item ID embeddings
+unisrec      models:/...  inductive      false           MoE adaptor + the encoder's input
+                                                         LayerNorm (Transformer blocks and
+                                                         positions frozen, as the official)
+unisrec      models:/...  transductive   false           the same + item ID embeddings
 unisrec      models:/...  either         true            everything
 unisrec      none         either         (ignored)       everything: UniSRec from scratch,
                                                          the paper's "from scratch" rows
@@ -23,8 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pretrain.model import BackboneConfig
+from unisrec.config import check_range
 from unisrec.errors import ConfigError
-from unisrec.tags import adaptor_model_name, validate_tenant_name
+from unisrec.tags import adaptor_model_name, validate_model_name, validate_tenant_name
 
 
 @dataclass
@@ -51,6 +54,9 @@ class FinetuneOptimConfig:
     bucket_by_length: bool = True  # batch windows of similar length (far less padding)
 
     def validate(self) -> None:
+        check_range("lr", self.lr, 0, low_open=True)
+        check_range("weight_decay", self.weight_decay, 0)
+        check_range("grad_clip", self.grad_clip, 0)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
         if self.max_epochs < 0 or self.patience < 1:
@@ -61,7 +67,8 @@ class FinetuneOptimConfig:
 class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [10, 50])  # cut-offs of Recall@K and NDCG@K
     exclude_history: bool = False  # drop the user's history items from the ranking
-    batch_size: int = 1024  # users scored at once against the whole catalogue
+    batch_size: int = 256  # users scored at once (a block of users)
+    item_block: int = 16384  # items scored at once; memory ~ batch_size x item_block floats
     stop_metric: str = "ndcg@10"  # valid metric for early stopping and the best state
     popularity_groups: int = 5  # long-tail breakdown of test metrics by target popularity
 
@@ -71,8 +78,9 @@ class EvalConfig:
         allowed = {f"{m}@{k}" for m in ("recall", "ndcg") for k in self.ks}
         if self.stop_metric not in allowed:
             raise ConfigError(f"stop_metric: {self.stop_metric!r} is not one of {sorted(allowed)}")
-        if self.popularity_groups < 1:
-            raise ConfigError(f"popularity_groups: must be >= 1, got {self.popularity_groups}")
+        check_range("batch_size", self.batch_size, 1)
+        check_range("item_block", self.item_block, 1)
+        check_range("popularity_groups", self.popularity_groups, 1)
 
 
 @dataclass
@@ -80,7 +88,7 @@ class FinetuneMlflowConfig:
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
     experiment: str = "unisrec-finetune"
     registered_model: str = ""  # "" = unisrec-adaptor-<tenant>
-    alias: str = "latest"
+    alias: str = "candidate"  # `unisrec promote` moves "production" (what `unisrec serve` serves)
 
 
 @dataclass
@@ -123,12 +131,13 @@ class FinetuneConfig:
     def validate(self) -> None:
         if self.tenant:
             validate_tenant_name(self.tenant)
+            if self.mlflow.registered_model:
+                validate_model_name(self.mlflow.registered_model, self.tenant)
         if self.backbone != "none" and not self.backbone.startswith("models:/"):
             raise ConfigError(
                 f"backbone: {self.backbone!r} must be models:/NAME@ALIAS, models:/NAME/VERSION or none"
             )
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature: must be positive, got {self.temperature}")
+        check_range("temperature", self.temperature, 0, low_open=True)
         names = [t.name for t in self.tenants]
         if len(set(names)) != len(names):
             raise ConfigError(f"tenants: duplicate names in {names}")

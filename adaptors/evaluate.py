@@ -4,14 +4,29 @@ Shapes:
     U  users in a batch     N  items in the domain (indexes 1..N; 0 is padding)
     T  history positions    H  model hidden size
 
-Ranking rule: a target's rank is the number of catalogue items scored *strictly higher*
-(0 = top). Ties therefore count in the target's favour; with float scores from a trained
-model they are practically absent, but a model scoring everything equal would look perfect,
-so don't evaluate one. Column 0 (padding) never counts. With ``exclude_history`` the user's
-history items do not count either, except the target itself when it repeats an earlier item.
+Ranking rule (ties broken at random, in expectation): for each target we count the items
+scored *strictly higher* (``greater``) and the other items scored *exactly equal*
+(``ties``). Under a uniformly random order of the tied items the target lands at each of
+the 0-based positions ``greater .. greater + ties`` with probability ``1 / (ties + 1)``; its
+expected rank is ``greater + 0.5 * ties``. Column 0 (padding) and the target itself never
+count. With ``exclude_history`` the user's history items do not count either, except the
+target when it repeats an earlier item. Ties are not rare in text-only mode: items with
+identical text are the same item to the model (2.3% of Scientific test targets share their
+text with another item), and they tie with the target by that fact, whatever rounding does
+to their computed scores (:class:`TwinItems`); other items tie when their float scores are
+equal. A model scoring everything equal ranks every target at (N-1)/2.
 
-Metrics, averaged over users (as the paper and RecBole): ``recall@k = [rank < k]`` and
-``ndcg@k = [rank < k] / log2(rank + 2)`` (one relevant item, so IDCG = 1).
+Metrics are the *exact expectations* under that random tie order, averaged over users
+(one relevant item, so IDCG = 1; with no ties they are the paper's and RecBole's)::
+
+    recall@k = P(position < k)           = clamp(k - greater, 0, ties + 1) / (ties + 1)
+    ndcg@k   = E[[position < k] / log2(position + 2)]
+             = sum_{p = greater}^{min(greater + ties, k - 1)} 1 / log2(p + 2) / (ties + 1)
+
+Scaling: :func:`rank_split` scores users in blocks of ``batch_size`` against items in blocks
+of ``item_block``, accumulating the two counts per block, so its working memory is
+``O(batch_size * item_block)`` whatever N is (the catalogue's own ``(N+1, H)`` vectors
+aside, computed once, also in blocks).
 """
 
 from __future__ import annotations
@@ -58,36 +73,84 @@ class EvalSplit:
         return int(self.targets.shape[0])
 
 
+@dataclass
+class Ranks:
+    """Where each user's target lands among the items.
+
+    greater: ``(U,) int64`` items scored strictly higher than the target; ties: ``(U,) int64``
+    other items scored exactly equal. ``expected`` is the rank under a random tie order.
+    """
+
+    greater: torch.Tensor
+    ties: torch.Tensor
+
+    @classmethod
+    def untied(cls, ranks: torch.Tensor) -> Ranks:
+        """Integer 0-based ranks ``(U,)`` with no ties."""
+        ranks = ranks.long()
+        return cls(ranks, torch.zeros_like(ranks))
+
+    @property
+    def expected(self) -> torch.Tensor:
+        """``(U,) float64``: ``greater + 0.5 * ties``."""
+        return self.greater.double() + 0.5 * self.ties.double()
+
+    def __len__(self) -> int:
+        return int(self.greater.shape[0])
+
+    def __getitem__(self, index) -> Ranks:
+        return Ranks(self.greater[index], self.ties[index])
+
+    def cpu(self) -> Ranks:
+        return Ranks(self.greater.cpu(), self.ties.cpu())
+
+
 def rank_of_targets(
     scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None
-) -> torch.Tensor:
-    """0-based rank of each target among the items.
+) -> Ranks:
+    """Counts of items above and tied with each target, from one full score matrix.
 
     scores: ``(U, N+1)`` float, column 0 = padding (ignored); targets: ``(U,)`` long in 1..N;
     exclude: optional ``(U, N+1)`` bool, True = item takes no part in the ranking (the target
-    itself always does). Returns ``(U,)`` long: items with a strictly greater score.
+    itself always does). Used on small score matrices; :func:`rank_split` does the same in
+    blocks.
     """
     rows = torch.arange(scores.shape[0], device=scores.device)
     target_scores = scores[rows, targets].unsqueeze(1)
-    counted = scores > target_scores
+    counted = torch.ones_like(scores, dtype=torch.bool)
     counted[:, 0] = False
+    counted[rows, targets] = False
     if exclude is not None:
         counted &= ~exclude
-    return counted.sum(dim=1)
+    greater = ((scores > target_scores) & counted).sum(dim=1)
+    ties = ((scores == target_scores) & counted).sum(dim=1)
+    return Ranks(greater, ties)
 
 
-def metrics_from_ranks(ranks: torch.Tensor, ks: list[int]) -> dict[str, float]:
-    """ranks: ``(U,)`` long 0-based -> ``{"recall@k": .., "ndcg@k": ..}`` averaged over users.
+def metrics_from_ranks(ranks: Ranks | torch.Tensor, ks: list[int]) -> dict[str, float]:
+    """``{"recall@k": .., "ndcg@k": ..}`` averaged over users, exact expectations under a
+    random order of tied items (see the module docstring).
 
-    An empty ``ranks`` gives zeros rather than NaNs.
+    ranks: :class:`Ranks`, or ``(U,)`` integer ranks without ties. An empty ``ranks`` gives
+    zeros rather than NaNs.
     """
-    ranks = ranks.double()
+    if not isinstance(ranks, Ranks):
+        ranks = Ranks.untied(ranks)
+    greater, ties = ranks.greater.cpu().double(), ranks.ties.cpu().double()
     metrics: dict[str, float] = {}
     for k in ks:
-        hit = ranks < k
-        metrics[f"recall@{k}"] = float(hit.double().mean()) if len(ranks) else 0.0
-        gain = torch.where(hit, 1.0 / torch.log2(ranks + 2.0), torch.zeros_like(ranks))
-        metrics[f"ndcg@{k}"] = float(gain.mean()) if len(ranks) else 0.0
+        if not len(greater):
+            metrics[f"recall@{k}"] = metrics[f"ndcg@{k}"] = 0.0
+            continue
+        places = ties + 1.0  # equally likely positions greater .. greater + ties
+        recall = (k - greater).clamp(min=0.0, max=None).minimum(places) / places
+        # gain_below[p] = sum of 1/log2(q+2) over positions q < p, for p = 0..k
+        gain_below = F.pad(torch.cumsum(1.0 / torch.log2(torch.arange(k).double() + 2), 0), (1, 0))
+        first = greater.clamp(max=k).long()
+        stop = (greater + places).clamp(max=k).long()
+        ndcg = (gain_below[stop] - gain_below[first]) / places
+        metrics[f"recall@{k}"] = float(recall.mean())
+        metrics[f"ndcg@{k}"] = float(ndcg.mean())
     return metrics
 
 
@@ -115,14 +178,17 @@ def popularity_groups(counts: np.ndarray, num_groups: int) -> np.ndarray:
 
 
 def metrics_by_group(
-    ranks: torch.Tensor,
+    ranks: Ranks | torch.Tensor,
     targets: torch.Tensor,
     groups: np.ndarray,
     counts: np.ndarray,
     k: int = 10,
 ) -> list[dict]:
     """Per popularity group of the target item: users, recall@k, ndcg@k and the group's
-    training-frequency range. ranks, targets: ``(U,)``; groups, counts: ``(N+1,)``."""
+    training-frequency range. ranks: :class:`Ranks` (or untied ``(U,)``), targets: ``(U,)``;
+    groups, counts: ``(N+1,)``."""
+    if not isinstance(ranks, Ranks):
+        ranks = Ranks.untied(ranks)
     target_group = torch.as_tensor(groups)[targets.cpu()]
     report = []
     for group in range(int(groups.max()) + 1):
@@ -144,6 +210,119 @@ def metrics_by_group(
 
 
 @torch.no_grad()
+def catalogue_vectors_in_blocks(
+    model: SequenceRecommender, text_table: torch.Tensor, item_block: int
+) -> torch.Tensor:
+    """:meth:`SequenceRecommender.catalogue_vectors` without gradients, ``item_block`` items at
+    a time: text_table ``(N+1, D)`` -> ``(N+1, H)``, row 0 zeros. The adaptor's per-expert
+    intermediates are ``(item_block, G, H)`` instead of ``(N, G, H)``.
+    """
+    n = text_table.shape[0] - 1
+    out = text_table.new_zeros(n + 1, model.cfg.hidden_size)
+    for start in range(1, n + 1, item_block):
+        stop = min(start + item_block, n + 1)
+        ids = torch.arange(start, stop, device=text_table.device)
+        out[start:stop] = model.item_vectors(text_table[start:stop], ids)
+    return out
+
+
+@dataclass
+class TwinItems:
+    """Items a model cannot tell apart: for a text-only model, items whose text vectors are
+    bitwise equal. ``group``: ``(N+1,) int64`` the first such item's index (row 0: 0);
+    ``order``: ``(N+1,) int64`` item indexes sorted by group, ``sorted_group`` their groups.
+
+    Matrix products may round the same dot product differently at different places (a
+    one-row product does), so twins must be recognised by their inputs, not their scores.
+    """
+
+    group: torch.Tensor
+    order: torch.Tensor
+    sorted_group: torch.Tensor
+
+    @classmethod
+    def of(cls, model: SequenceRecommender, text_table: torch.Tensor) -> TwinItems:
+        """text_table: ``(N+1, D)``; a model that reads item IDs has no twins."""
+        n = text_table.shape[0] - 1
+        group = torch.arange(n + 1)
+        if n and not model.reads_item_ids:
+            group[1:] = _first_equal_row(text_table[1:]) + 1
+        sorted_group, order = torch.sort(group, stable=True)
+        return cls(group, order, sorted_group)
+
+    def pairs(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """targets: ``(U,)`` -> ``(rows, twins)``, both ``(P,) int64``: every other item
+        ``twins[p]`` that is a twin of ``targets[rows[p]]``."""
+        groups = self.group[targets.cpu()]
+        low = torch.searchsorted(self.sorted_group, groups, right=False)
+        sizes = torch.searchsorted(self.sorted_group, groups, right=True) - low
+        rows = torch.repeat_interleave(torch.arange(len(targets)), sizes)
+        starts = torch.repeat_interleave(low, sizes)
+        offsets = torch.arange(len(rows)) - torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes)
+        twins = self.order[starts + offsets]
+        other = twins != targets.cpu()[rows]
+        return rows[other].to(targets.device), twins[other].to(targets.device)
+
+
+def _first_equal_row(rows: torch.Tensor) -> torch.Tensor:
+    """rows: ``(N, D)`` -> ``(N,) int64``: index of the first row bitwise equal to each."""
+    array = np.ascontiguousarray(rows.cpu().numpy())
+    keys = array.view(np.dtype((np.void, array.dtype.itemsize * array.shape[1]))).ravel()
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    return torch.from_numpy(first[inverse.ravel()])
+
+
+def count_ranks_in_blocks(
+    model: SequenceRecommender,
+    queries: torch.Tensor,
+    items: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    *,
+    item_block: int,
+    twins: TwinItems | None = None,
+    histories: torch.Tensor | None = None,
+) -> Ranks:
+    """Rank each query's target among items 1..N, ``item_block`` items at a time.
+
+    queries: ``(U, H)`` sequence vectors; items: ``(N+1, H)`` from
+    :func:`catalogue_vectors_in_blocks`; targets: ``(U,)`` long in 1..N; twins: items that
+    tie with the target whatever their computed scores (see :class:`TwinItems`); histories:
+    optional ``(U, T)`` long, items excluded from the ranking (0 = padding; the target is
+    never excluded). Working memory ``O(U * item_block)``.
+    """
+    u, n = len(targets), items.shape[0] - 1
+    device = queries.device
+    rows = torch.arange(u, device=device)
+    target_scores = torch.cat(
+        [model.score(queries[c], items[targets[c]], temperature).diagonal() for c in rows.split(64)]
+    ).unsqueeze(1)  # (U, 1)
+    twin_rows, twin_items = twins.pairs(targets) if twins is not None else (rows[:0], rows[:0])
+    greater = torch.zeros(u, dtype=torch.long, device=device)
+    ties = torch.zeros(u, dtype=torch.long, device=device)
+    for start in range(1, n + 1, item_block):
+        stop = min(start + item_block, n + 1)
+        block = model.score(queries, items[start:stop], temperature)  # (U, stop - start)
+        inside = (targets >= start) & (targets < stop)
+        block[rows[inside], targets[inside] - start] = float("-inf")  # the target itself
+        if histories is not None:
+            seen = (histories >= start) & (histories < stop) & (histories != targets[:, None])
+            row, col = seen.nonzero(as_tuple=True)
+            block[row, histories[row, col] - start] = float("-inf")
+        greater += (block > target_scores).sum(dim=1)
+        ties += (block == target_scores).sum(dim=1)
+        # Twins counted above by their rounded scores are moved to the ties.
+        here = (twin_items >= start) & (twin_items < stop)
+        row = twin_rows[here]
+        score = block[row, twin_items[here] - start]
+        target = target_scores[row, 0]
+        counted = score > float("-inf")  # not excluded
+        greater.index_add_(0, row, -(counted & (score > target)).long())
+        ties.index_add_(0, row, (counted & (score != target)).long())
+    return Ranks(greater, ties)
+
+
+@torch.no_grad()
 def rank_split(
     model: SequenceRecommender,
     split: EvalSplit,
@@ -151,30 +330,38 @@ def rank_split(
     *,
     temperature: float,
     exclude_history: bool = False,
-    batch_size: int = 1024,
-) -> torch.Tensor:
-    """Rank every user's target against all N items; returns ``(U,)`` long ranks on the CPU.
+    batch_size: int = 256,
+    item_block: int = 16384,
+) -> Ranks:
+    """Rank every user's target against all N items; returns :class:`Ranks` on the CPU.
 
-    text_table: ``(N+1, D)`` float32 on the model's device. The model is put in eval mode
-    (no dropout, no gate noise) and left there.
+    text_table: ``(N+1, D)`` float32 on the model's device. Users are scored ``batch_size``
+    at a time against ``item_block`` items at a time (see :func:`count_ranks_in_blocks`).
+    The model is put in eval mode (no dropout, no gate noise) and left there.
     """
     model.eval()
     device = text_table.device
-    items = model.catalogue_vectors(text_table)  # (N+1, H), once for all users
-    ranks = torch.empty(len(split), dtype=torch.long)
+    items = catalogue_vectors_in_blocks(model, text_table, item_block)  # (N+1, H), once
+    twins = TwinItems.of(model, text_table)
+    greater = torch.zeros(len(split), dtype=torch.long)
+    ties = torch.zeros(len(split), dtype=torch.long)
     # Users of similar history length share a batch, so little of it is padding.
     for batch in torch.argsort(split.lengths, stable=True).split(batch_size):
         lengths = split.lengths[batch].to(device)
         histories = split.histories[batch, : int(lengths.max())].to(device)
         last = model.last(model.encode(histories, items), lengths)  # (U, H)
-        logits = model.score(last, items[1:], temperature)  # (U, N)
-        scores = F.pad(logits, (1, 0), value=float("-inf"))  # (U, N+1), column 0 = padding
-        exclude = None
-        if exclude_history:
-            exclude = torch.zeros_like(scores, dtype=torch.bool)
-            exclude.scatter_(1, histories, True)
-        ranks[batch] = rank_of_targets(scores, split.targets[batch].to(device), exclude).cpu()
-    return ranks
+        ranks = count_ranks_in_blocks(
+            model,
+            last,
+            items,
+            split.targets[batch].to(device),
+            temperature,
+            item_block=item_block,
+            twins=twins,
+            histories=histories if exclude_history else None,
+        )
+        greater[batch], ties[batch] = ranks.greater.cpu(), ranks.ties.cpu()
+    return Ranks(greater, ties)
 
 
 @dataclass
@@ -211,7 +398,8 @@ def full_report(
     temperature: float,
     ks: list[int],
     exclude_history: bool = False,
-    batch_size: int = 1024,
+    batch_size: int = 256,
+    item_block: int = 16384,
     groups: int = 5,
 ) -> dict:
     """``{"valid": metrics, "test": metrics, "test_by_popularity": [...]}``; the popularity
@@ -220,6 +408,7 @@ def full_report(
         "temperature": temperature,
         "exclude_history": exclude_history,
         "batch_size": batch_size,
+        "item_block": item_block,
     }
     valid_ranks = rank_split(model, data.valid, data.text_table, **options)
     test_ranks = rank_split(model, data.test, data.text_table, **options)

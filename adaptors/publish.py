@@ -3,20 +3,36 @@ the pyfunc that ``mlflow models serve`` runs.
 
 Each tenant registers its own model (``unisrec-adaptor-<tenant>`` by default), tagged
 ``unisrec.tenant`` on the registered model so one tenant can never overwrite another's.
+
+A registered adaptor is self-contained. Its pyfunc carries
+
+* artifacts ``adaptor`` (the bundle), ``catalogue`` and ``backbone`` (the frozen backbone's
+  weights, resolved from the registry when the adaptor is logged; absent when the bundle
+  holds the whole model),
+* the code it runs (``code_paths``: the ``unisrec``, ``pretrain`` and ``adaptors`` packages),
+* pinned requirements of what that code imports (:data:`SERVING_REQUIREMENTS`),
+
+so it loads and predicts in a fresh process with no tracking server and no installed
+``unisrec``.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import mlflow.pyfunc
 import pandas as pd
 
-from adaptors.bundle import AdaptorSpec, load_bundle
+from adaptors.bundle import AdaptorSpec, load_bundle, write_backbone
 from adaptors.catalogue import Catalogue
-from adaptors.serving import parse_history, top_k
+from adaptors.serving import catalogue_item_vectors, parse_history, top_k
 from unisrec import tags as T
 from unisrec.errors import ConfigError
+
+# Distributions the pyfunc's code imports when it loads and predicts (pinned at log time).
+SERVING_REQUIREMENTS = ("torch", "numpy", "pandas", "pyarrow", "pyyaml", "mlflow")
+ARTIFACT_PATH = "adaptor"  # the model's name inside its run
 
 
 def claim_model_name(name: str, tenant: str) -> None:
@@ -29,8 +45,10 @@ def claim_model_name(name: str, tenant: str) -> None:
 
     try:
         model = MlflowClient().get_registered_model(name)
-    except MlflowException:
-        return  # does not exist yet
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return  # does not exist yet
+        raise  # the registry did not answer the question (down, denied, ...)
     owner = model.tags.get(T.TENANT)
     if owner != tenant:
         raise ConfigError(
@@ -40,32 +58,62 @@ def claim_model_name(name: str, tenant: str) -> None:
 
 
 def register_adaptor(
-    *, run_id: str, name: str, alias: str, bundle_dir: Path, catalogue_dir: Path, spec: AdaptorSpec
+    *,
+    run_id: str,
+    name: str,
+    alias: str,
+    bundle_dir: Path,
+    catalogue_dir: Path,
+    spec: AdaptorSpec,
+    backbone_dir: Path | None = None,
+    extra_tags: dict[str, str] | None = None,
 ) -> str:
-    """Log the bundle and catalogue as a pyfunc model to ``run_id``, register it as ``name``
-    with lineage tags, point ``alias`` at it. Returns the new version."""
+    """Log the bundle, catalogue and backbone as a self-contained pyfunc model to ``run_id``,
+    register it as ``name`` with lineage tags (+ ``extra_tags``), point ``alias`` at it.
+
+    ``backbone_dir`` (a :func:`~adaptors.bundle.write_backbone` directory) is read from the
+    registry by the spec's lineage when not given. Returns the new version.
+    """
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
+
+    import adaptors
+    import pretrain
+    import unisrec
+    from unisrec.tracking import pinned_requirements
 
     claim_model_name(name, spec.tenant)
     client = MlflowClient()
     try:
         client.create_registered_model(name, tags={T.TENANT: spec.tenant, T.KIND: "adaptor"})
-    except MlflowException:
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
         claim_model_name(name, spec.tenant)  # created meanwhile: still ours?
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="adaptor",
-            python_model=AdaptorRecommender(),
-            artifacts={"adaptor": str(bundle_dir), "catalogue": str(catalogue_dir)},
-            signature=pyfunc_signature(),
-            pip_requirements=["unisrec"],
-            registered_model_name=name,
-            await_registration_for=60,
-        )
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = {"adaptor": str(bundle_dir), "catalogue": str(catalogue_dir)}
+        if not spec.trains_everything:
+            if backbone_dir is None:
+                from pretrain.registry import load_backbone
+
+                backbone_dir = write_backbone(
+                    Path(tmp) / "backbone", load_backbone(spec.backbone_uri)
+                )
+            artifacts["backbone"] = str(backbone_dir)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=ARTIFACT_PATH,
+                python_model=AdaptorRecommender(),
+                artifacts=artifacts,
+                code_paths=[str(Path(m.__file__).parent) for m in (unisrec, pretrain, adaptors)],
+                signature=pyfunc_signature(),
+                pip_requirements=pinned_requirements(SERVING_REQUIREMENTS),
+                registered_model_name=name,
+                await_registration_for=60,
+            )
     version = str(info.registered_model_version)
-    for key, value in spec.lineage_tags().items():
+    for key, value in {**spec.lineage_tags(), **(extra_tags or {})}.items():
         client.set_model_version_tag(name, version, key, value)
     if alias.lower() != T.LATEST:
         client.set_registered_model_alias(name, alias, version)
@@ -74,7 +122,7 @@ def register_adaptor(
 
 def load_adaptor(uri: str):
     """Load a registered adaptor as its :class:`AdaptorRecommender`
-    (``.model``, ``.spec``, ``.catalogue``), backbone pulled by lineage."""
+    (``.model``, ``.spec``, ``.catalogue``, ``.artifact_paths``)."""
     import mlflow.pyfunc
 
     return mlflow.pyfunc.load_model(uri).unwrap_python_model()
@@ -95,13 +143,19 @@ def pyfunc_signature():
 
 
 class AdaptorRecommender(mlflow.pyfunc.PythonModel):
-    """A tenant's recommender for ``mlflow models serve``: artifacts ``adaptor`` (a bundle)
-    and ``catalogue``. Loading pulls the frozen backbone from the registry by lineage, so the
-    serving process needs ``MLFLOW_TRACKING_URI`` (unless the bundle holds the whole model)."""
+    """A tenant's recommender for ``mlflow models serve``: artifacts ``adaptor`` (a bundle),
+    ``catalogue`` and ``backbone``. Adaptors logged before the backbone travelled with them
+    pull it from the registry by lineage (and need ``MLFLOW_TRACKING_URI``)."""
 
     def load_context(self, context) -> None:
-        self.model, self.spec = load_bundle(Path(context.artifacts["adaptor"]))
-        self.catalogue = Catalogue.load(context.artifacts["catalogue"])
+        self.artifact_paths = {k: str(v) for k, v in context.artifacts.items()}
+        backbone = self.artifact_paths.get("backbone")
+        self.model, self.spec = load_bundle(
+            Path(self.artifact_paths["adaptor"]), Path(backbone) if backbone else None
+        )
+        self.catalogue = Catalogue.load(self.artifact_paths["catalogue"])
+        # (C+1, H): the adaptor runs over the catalogue once, not on every request.
+        self.item_vectors = catalogue_item_vectors(self.model, self.spec, self.catalogue)
 
     def predict(
         self, context, model_input: pd.DataFrame, params: dict | None = None
@@ -114,6 +168,7 @@ class AdaptorRecommender(mlflow.pyfunc.PythonModel):
             [parse_history(h) for h in model_input["history"]],
             k=int(params.get("k", 10)),
             exclude_history=bool(params.get("exclude_history", True)),
+            item_vectors=self.item_vectors,
         )
         return pd.DataFrame(
             {

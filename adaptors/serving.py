@@ -47,16 +47,22 @@ def top_k(
     histories: list[list[str]],
     k: int = 10,
     exclude_history: bool = True,
+    item_vectors: torch.Tensor | None = None,
 ) -> list[list[tuple[str, float]]]:
     """The ``k`` best catalogue items (key, score) for each history of item keys.
 
     The model reads the last ``max_seq_len`` items of each history; with ``exclude_history``
-    no item of the whole history is recommended again.
+    no item of the whole history is recommended again. ``item_vectors``: the
+    :func:`catalogue_item_vectors` of this model and catalogue, ``(C+1, H)``, when the caller
+    keeps them (a server does: running the adaptor over the whole catalogue costs far more
+    than encoding one history); computed here otherwise.
     """
     if any(not h for h in histories):
         raise ValueError("every history needs at least one item")
     model.eval()
-    items = catalogue_item_vectors(model, spec, catalogue)  # (C+1, H)
+    items = (
+        item_vectors if item_vectors is not None else catalogue_item_vectors(model, spec, catalogue)
+    )
     max_len = model.max_seq_len
     seen = [catalogue.indexes(h) for h in histories]
     indexes = [idx[-max_len:] for idx in seen]

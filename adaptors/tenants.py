@@ -46,8 +46,13 @@ def tenant_configs(cfg: FinetuneConfig, names: list[str] | None = None) -> list[
     base.update(tenants=[], output_dir="")
     configs = []
     for spec in chosen:
-        raw = apply_overrides({**base, "tenant": spec.name}, spec.overrides)
-        configs.append(resolve_paths(from_dict(FinetuneConfig, raw)))
+        try:
+            raw = apply_overrides({**base, "tenant": spec.name}, spec.overrides)
+            configs.append(resolve_paths(from_dict(FinetuneConfig, raw)))
+        except ConfigError as err:
+            raise ConfigError(
+                f"tenants[{spec.name}].overrides: {err} (fix the tenant's entry under tenants:)"
+            ) from err
     return configs
 
 
@@ -72,18 +77,17 @@ def run_tenants(
 ) -> dict[str, dict]:
     """Fine-tune every tenant in parallel; returns ``{tenant: summary}``, where a failed
     tenant's summary is ``{"error": message}``."""
-    import mlflow
     import ray
 
     from unisrec.runtime import ensure_ray
-    from unisrec.tracking import configure_mlflow
+    from unisrec.tracking import configure_mlflow, set_experiment
 
     configs = tenant_configs(cfg, names)
     # Create the store and experiments here: parallel tasks racing to create the same sqlite
     # tables or experiment would fail.
     for tenant_cfg in configs:
         configure_mlflow(tenant_cfg.mlflow.tracking_uri)
-        mlflow.set_experiment(tenant_cfg.mlflow.experiment)
+        set_experiment(tenant_cfg.mlflow.experiment, tenant_cfg.mlflow.tracking_uri)
 
     ensure_ray(ray_address)
     task = ray.remote(num_cpus=1)(finetune_task)

@@ -2,11 +2,16 @@
 
 Times ``--epochs`` training epochs of the fine-tuning recipe (no MLflow, no checkpoints) and
 one full-ranking pass over the valid users (every user against every item), and reports
-seconds per epoch, training windows/s and evaluated users/s::
+seconds per epoch, training windows/s, next-item targets/s, evaluated users/s, peak RSS, and
+the roofline: the matrix products the epoch (and the evaluation) did, counted from the shapes
+they ran on (benchmarks/roofline.py), the time plain fp32 products of the same shapes take
+here in the same run, and ``roofline_fraction`` = that time / the measured time = achieved
+FLOP/s over the matmul peak. ``--profile-steps K`` adds a torch.profiler table of K steps::
 
     .venv/bin/python benchmarks/bench_finetune.py                       # runs/shared-data, scientific
     .venv/bin/python benchmarks/bench_finetune.py --mode transductive --epochs 1
     .venv/bin/python benchmarks/bench_finetune.py --data-dir /tmp/small --domain office --hidden-size 32
+    .venv/bin/python benchmarks/bench_finetune.py --data-dir D --epochs 1 --profile-steps 5 --out F.json
 
 ``--backbone none`` (default) trains the whole UniSRec from scratch, the heaviest case; with
 ``--backbone models:/NAME@ALIAS`` (and $MLFLOW_TRACKING_URI) only the adaptor trains.
@@ -19,14 +24,17 @@ import argparse
 import json
 import os
 import platform
+import resource
 import time
 from pathlib import Path
 
 import torch
+from roofline import ShapeRecorder, gemm_seconds, square_gemm_gflops
 
 from adaptors.config import FinetuneConfig
 from adaptors.evaluate import load_eval_data, rank_split
-from adaptors.finetune import load_windows, prepare_model, train_epoch
+from adaptors.finetune import load_windows, make_optimizer, prepare_model, train_epoch
+from pretrain.flops import total_flops
 from sharding.dataset import Dataset
 from unisrec.config import from_dict
 
@@ -42,10 +50,14 @@ def main() -> None:
     parser.add_argument("--backbone", default="none", help="none or a models:/ URI")
     parser.add_argument("--hidden-size", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=256, help="training windows per step")
-    parser.add_argument("--eval-batch-size", type=int, default=1024, help="users per scoring batch")
+    parser.add_argument("--eval-batch-size", type=int, default=256, help="users per scoring block")
+    parser.add_argument("--item-block", type=int, default=16384, help="items per scoring block")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument(
         "--threads", type=int, default=0, help="torch threads (0 = torch's default)"
+    )
+    parser.add_argument(
+        "--profile-steps", type=int, default=0, help="torch.profiler table of this many steps"
     )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/finetune.json")
     args = parser.parse_args()
@@ -66,7 +78,7 @@ def main() -> None:
             "baseline": args.baseline,
             "model": {"hidden_size": args.hidden_size},
             "optim": {"batch_size": args.batch_size},
-            "eval": {"batch_size": args.eval_batch_size},
+            "eval": {"batch_size": args.eval_batch_size, "item_block": args.item_block},
         },
     )
     dataset = Dataset(cfg.data.dir)
@@ -76,15 +88,19 @@ def main() -> None:
     max_len = model.max_seq_len
     data = load_eval_data(dataset, cfg.data.domain, max_len, device)
     windows = load_windows(dataset, cfg.data.domain, max_len)
-    optimizer = torch.optim.Adam(trainable, lr=cfg.optim.lr)
+    optimizer = make_optimizer(trainable, cfg)
+    recorder = ShapeRecorder(model)
 
     epoch_seconds = []
     for epoch in range(args.epochs):
+        recorder.clear()
         started = time.perf_counter()
         loss = train_epoch(model, windows, data.text_table, optimizer, cfg, epoch)
         epoch_seconds.append(time.perf_counter() - started)
         print(f"epoch {epoch + 1}: loss {loss:.4f}, {epoch_seconds[-1]:.1f} s")
+    train_gemms = recorder.gemms(training=True, backward=True, text_dim=dataset.encoder_dim)
 
+    recorder.clear()
     started = time.perf_counter()
     ranks = rank_split(
         model,
@@ -92,9 +108,23 @@ def main() -> None:
         data.text_table,
         temperature=cfg.temperature,
         batch_size=args.eval_batch_size,
+        item_block=args.item_block,
     )
     eval_seconds = time.perf_counter() - started
+    eval_gemms = recorder.gemms(training=False, backward=False, text_dim=dataset.encoder_dim)
+    recorder.detach()
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_gpu = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+
+    # The matmul peak, measured now: the same products as plain fp32 torch.mm calls.
+    train_peak_seconds = gemm_seconds(train_gemms, device=str(device))
+    eval_peak_seconds = gemm_seconds(eval_gemms, device=str(device))
+    square_gflops = square_gemm_gflops(device=str(device))
+    profile = profile_steps(model, windows, data, optimizer, cfg, args.profile_steps)
     mean_epoch = sum(epoch_seconds) / len(epoch_seconds) if epoch_seconds else 0.0
+    last_epoch = epoch_seconds[-1] if epoch_seconds else 0.0
+    train_flops, eval_flops = total_flops(train_gemms), total_flops(eval_gemms)
+    targets = int((windows[:, 1:] > 0).sum())
     result = {
         "data_dir": str(Path(args.data_dir).resolve()),
         "domain": args.domain,
@@ -110,8 +140,25 @@ def main() -> None:
         "epoch_seconds": [round(s, 3) for s in epoch_seconds],
         "mean_epoch_seconds": round(mean_epoch, 3),
         "train_windows_per_s": round(len(windows) / mean_epoch, 1) if mean_epoch else None,
+        "train_targets": targets,
+        "train_targets_per_s": round(targets / mean_epoch, 1) if mean_epoch else None,
         "eval_seconds": round(eval_seconds, 3),
         "eval_users_per_s": round(len(ranks) / eval_seconds, 1),
+        "peak_rss_gib": round(peak_rss / 2**30, 3),
+        "peak_gpu_memory_gib": round(peak_gpu / 2**30, 3) if peak_gpu is not None else None,
+        # roofline of the last epoch and of the evaluation (see benchmarks/roofline.py)
+        "train_gflop": round(train_flops / 1e9, 1),
+        "train_achieved_gflops": round(train_flops / last_epoch / 1e9, 2) if last_epoch else None,
+        "train_matmul_peak_gflops": (
+            round(train_flops / train_peak_seconds / 1e9, 2) if train_peak_seconds else None
+        ),
+        "roofline_fraction": round(train_peak_seconds / last_epoch, 3) if last_epoch else None,
+        "eval_gflop": round(eval_flops / 1e9, 1),
+        "eval_achieved_gflops": round(eval_flops / eval_seconds / 1e9, 2),
+        "eval_matmul_peak_gflops": round(eval_flops / eval_peak_seconds / 1e9, 2),
+        "eval_roofline_fraction": round(eval_peak_seconds / eval_seconds, 3),
+        "square_2048_gemm_gflops": round(square_gflops, 2),
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
@@ -121,6 +168,23 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2), encoding="utf-8")
     print(json.dumps(result, indent=2))
+    if profile:
+        table = args.out.with_suffix(".profile.txt")
+        table.write_text(profile, encoding="utf-8")
+        print(profile)
+
+
+def profile_steps(model, windows, data, optimizer, cfg: FinetuneConfig, steps: int) -> str:
+    """torch.profiler's top ops (by own CPU time) over ``steps`` training steps; "" if 0."""
+    if steps <= 0:
+        return ""
+    from torch.profiler import ProfilerActivity, profile
+
+    short = torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))
+    subset = windows[short[: steps * cfg.optim.batch_size]]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train_epoch(model, subset, data.text_table, optimizer, cfg, epoch=0)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,12 @@ against the naive one (every prefix its own padded sample, adaptor on every posi
 
     python benchmarks/bench_pretrain.py --data runs/shared-data [--steps 30] [--skip-ray]
 
+Rates are sequences/s, non-padding tokens/s and next-item targets/s (the seq-item loss's
+queries: every prefix with a next item; the official code's "training pairs"). For the
+in-process formulations also the roofline: the matrix products of the timed steps, recorded
+with their shapes on an untimed replay of the same batches, over the time plain fp32
+products of the same shapes take here in the same run (benchmarks/roofline.py).
+
 Writes benchmarks/results/pretrain.json. Numbers compared with each other come from the same
 run on the same machine.
 """
@@ -16,7 +22,9 @@ import time
 from pathlib import Path
 
 import torch
+from roofline import gemm_seconds
 
+from pretrain.flops import Gemm
 from unisrec.runtime import use_loopback
 
 use_loopback()
@@ -36,7 +44,8 @@ RESULTS = Path(__file__).parent / "results" / "pretrain.json"
 def formulation_throughput(
     data: Path, loss_fn, steps: int, batch_size: int, warmup: int = 2
 ) -> dict:
-    """Train ``steps`` steps in one process; sequences and non-padding tokens per second."""
+    """Train ``steps`` steps in one process; sequences, non-padding tokens and next-item
+    targets per second, and the roofline of the timed steps."""
     cfg = PretrainConfig()
     ds = Dataset(data)
     table = torch.from_numpy(ds.global_embeddings())
@@ -45,29 +54,70 @@ def formulation_throughput(
     model = UniSRec(cfg.model, text_dim=ds.encoder_dim)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     stream = ShardStream(ds.shard_specs(), batch_size=batch_size, seed=0)
-    sequences = tokens = 0
+    sequences = tokens = targets = 0
     elapsed = 0.0
-    for step, batch in enumerate(stream.epoch(0)):
-        if step == warmup + steps:
-            break
-        start = time.perf_counter()
+    timed = []
+
+    def step(index, batch):
         out = loss_fn(
-            model, batch, table, worddrop, LossConfig(), step=step, seed=0, gather=Gather.single()
+            model, batch, table, worddrop, LossConfig(), step=index, seed=0, gather=Gather.single()
         )
         optimizer.zero_grad()
         out["loss"].backward()
         optimizer.step()
-        if step >= warmup:
+        return out
+
+    for index, batch in enumerate(stream.epoch(0)):
+        if index == warmup + steps:
+            break
+        start = time.perf_counter()
+        step(index, batch)
+        if index >= warmup:
             elapsed += time.perf_counter() - start
             sequences += int((batch["lengths"] > 0).sum())
             tokens += int(batch["lengths"].sum())
+            targets += int((batch["lengths"] - 1).clamp(min=0).sum())
+            timed.append((index, batch))
+    gemms = replay_gemms(step, timed)
+    flops = sum(g.flops for g in gemms)
+    peak_seconds = gemm_seconds(gemms)
     return {
         "steps": steps,
         "batch_size": batch_size,
         "seconds": elapsed,
         "sequences_per_second": sequences / elapsed,
         "tokens_per_second": tokens / elapsed,
+        "targets_per_second": targets / elapsed,
+        "gflop": flops / 1e9,
+        "achieved_gflops": flops / elapsed / 1e9,
+        "matmul_peak_gflops": flops / peak_seconds / 1e9,
+        "roofline_fraction": peak_seconds / elapsed,
     }
+
+
+def replay_gemms(step, timed: list) -> list[Gemm]:
+    """The matrix products (mm, addmm, bmm, baddbmm) of the timed steps, recorded with their
+    shapes while replaying them (parameters change on the way; shapes do not)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    gemms: list[Gemm] = []
+
+    class Products(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name in ("mm", "addmm"):
+                a, b = (args[1], args[2]) if name == "addmm" else (args[0], args[1])
+                gemms.append(Gemm(a.shape[0], a.shape[1], b.shape[1]))
+            elif name in ("bmm", "baddbmm"):
+                a, b = (args[1], args[2]) if name == "baddbmm" else (args[0], args[1])
+                gemms.append(Gemm(a.shape[1], a.shape[2], b.shape[2], a.shape[0]))
+            return out
+
+    with Products():
+        for index, batch in timed:
+            step(index, batch)
+    return gemms
 
 
 def ray_throughput(data: Path, workers: int, steps: int, batch_size: int, out: Path) -> dict:
@@ -98,6 +148,7 @@ def ray_throughput(data: Path, workers: int, steps: int, batch_size: int, out: P
         "steps": steps,
         "sequences_per_second": summary["sequences_per_second"],
         "tokens_per_second": summary["tokens_per_second"],
+        "targets_per_second": summary.get("targets_per_second"),
         "wall_seconds_including_startup": summary["wall_seconds"],
     }
 

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # GPU check (one command, a few minutes): synthetic data -> shards (text encoded on the GPU)
 # -> one-GPU pretraining under DeepSpeed ZeRO-2 in bf16 -> throughput printed and written to
-# $OUT/gpu_check.json (or benchmarks/results/gpu_check.json).
+# $OUT/gpu_check.json (or benchmarks/results/gpu_check.json) -> one fp32 fine-tune epoch and a
+# full-ranking evaluation of a synthetic target domain at hidden size 768, with achieved
+# FLOP/s over the GPU's fp32 matmul rate on the same shapes (roofline_fraction) and peak GPU
+# memory, in $OUT/gpu_finetune.json. Not yet run: no GPU machine was available.
 #   PYTHON=/path/to/python benchmarks/gpu_check.sh
 # PYTHON must have this package and its dependencies installed (`pip install -e .`), with a
 # CUDA build of torch.
@@ -22,6 +25,7 @@ from sharding.synthetic import write_synthetic
 from unisrec.config import from_dict
 work = Path(sys.argv[1])
 domains = write_synthetic(work / "raw", seed=0, scale=3.0, num_sources=6)
+(work / "target.txt").write_text(domains[-1]["name"])
 cfg = from_dict(ShardJobConfig, {"domains": domains, "encoder": {"device": "cuda", "batch_size": 512, "cache_dir": ""}})
 run_shard_job(cfg, work / "data", progress=False)
 PY
@@ -38,3 +42,5 @@ keep = {k: summary[k] for k in ("sequences_per_second", "tokens_per_second", "st
 (Path(sys.argv[2]) / "gpu_check.json").write_text(json.dumps(keep, indent=2))
 print(f"GPU bf16 pretraining: {keep['sequences_per_second']:.0f} sequences/s, {keep['tokens_per_second']:.0f} tokens/s")
 PY
+"$PY" benchmarks/bench_finetune.py --data-dir "$WORK/data" --domain "$(cat "$WORK/target.txt")" \
+  --hidden-size 768 --epochs 1 --out "$RESULTS/gpu_finetune.json" | tail -40

@@ -127,15 +127,33 @@ def job_spec(
 
 def submit(address: str, spec: JobSpec, submission_id: str | None = None) -> str:
     """Submit ``spec`` to the cluster whose dashboard is at ``address``; returns the job id."""
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(address)
+    client = _client(address)
     return client.submit_job(
         entrypoint=spec.entrypoint,
         runtime_env=spec.runtime_env,
         metadata=spec.metadata,
         submission_id=submission_id,
     )
+
+
+def _client(address: str):
+    """A Ray Jobs client for ``address``; ConfigError when no cluster answers there."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(address if "://" in address else f"http://{address}")
+    try:
+        # A refused connection fails here at once, before Ray's client is even imported.
+        socket.create_connection((url.hostname or "127.0.0.1", url.port or 8265), timeout=5).close()
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(address)
+    except (ConnectionError, OSError) as err:
+        raise ConfigError(
+            f"--address {address}: no Ray cluster answers there; start one (`ray start --head`, "
+            "or `ray up ray_cluster.yaml` then `ray dashboard ray_cluster.yaml`) or pass the "
+            "head's dashboard address (--address or $RAY_ADDRESS)"
+        ) from err
 
 
 def wait(address: str, job_id: str, timeout_s: float | None = None, poll_s: float = 1.0) -> str:

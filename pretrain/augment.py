@@ -55,13 +55,18 @@ def augment(
     item_drop_prob: float = 0.9,
     keep_prob: float = 0.8,
     word_drop_pos_prob: float = 0.2,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Augment a batch of right-padded sequences.
 
     items: ``(B, T)`` long, right-padded with 0; lengths: ``(B,)`` long (0 for filler rows);
     sample_ids: ``(B,)`` long, a stable id per sample.
-    Returns ``aug_items`` ``(B, T)`` long (right-padded with 0), ``aug_lengths`` ``(B,)`` long
-    and ``use_worddrop`` ``(B, T)`` bool (all False under item drop).
+    Returns ``aug_items`` ``(B, T)`` long (right-padded with 0), ``aug_lengths`` ``(B,)`` long,
+    ``use_worddrop`` ``(B, T)`` bool (all False under item drop) and ``keep`` ``(B, T)`` bool,
+    the input positions that survive (every valid one under word drop).
+
+    A decision depends on the position, not on the length, so a prefix ``items[b, :t+1]``
+    augmented on its own gets exactly the first ``cumsum(keep[b])[t]`` items of row b's
+    augmented view: its causal encoding is the output at ``cumsum(keep[b])[t] - 1``.
     """
     b, t = items.shape
     positions = torch.arange(t, device=items.device).unsqueeze(0)  # (1, T)
@@ -75,7 +80,8 @@ def augment(
         target = torch.where(keep, keep.long().cumsum(dim=1) - 1, t)
         out = items.new_zeros(b, t + 1)  # column t swallows dropped and padded positions
         out.scatter_(1, target, items)
-        return out[:, :t], keep.sum(dim=1), torch.zeros_like(keep)
+        return out[:, :t], keep.sum(dim=1), torch.zeros_like(keep), keep
 
     u = hash_uniform(seed, step, _WORD_DROP_SALT, ids, positions)
-    return items.masked_fill(~valid, 0), lengths.clone(), valid & (u < word_drop_pos_prob)
+    use_worddrop = valid & (u < word_drop_pos_prob)
+    return items.masked_fill(~valid, 0), lengths.clone(), use_worddrop, valid

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pretrain.model import BackboneConfig
 from unisrec import tags
+from unisrec.config import check_range
 from unisrec.errors import ConfigError
 
 
@@ -21,6 +22,11 @@ class PretrainDataConfig:
     # for the paper's Figure 2; held-out losses follow the same choice.
     domains: list[str] = field(default_factory=list)
 
+    def validate(self) -> None:
+        check_range("batch_size", self.batch_size, 1)
+        check_range("loader_workers", self.loader_workers, 0)
+        check_range("shuffle_buffer", self.shuffle_buffer, 0)
+
 
 @dataclass
 class LossConfig:
@@ -29,6 +35,23 @@ class LossConfig:
     item_drop_batch_prob: float = 0.9  # per batch: item drop with this p, else word drop
     item_keep_prob: float = 0.8  # item drop keeps each item (always the first) with this p
     word_drop_position_prob: float = 0.2  # word drop: a position takes its word-drop vector
+    seq_item: bool = True  # false: L = L_seq-seq alone (lam unused), the paper's "w/o S-I"
+    seq_seq: bool = True  # false: L = L_seq-item alone, no augmented pass ("w/o S-S")
+
+    @property
+    def seq_seq_weight(self) -> float:
+        """The weight of mean L_seq-seq in the loss: lam, 1 without L_seq-item, 0 if off."""
+        if not self.seq_seq:
+            return 0.0
+        return self.lam if self.seq_item else 1.0
+
+    def validate(self) -> None:
+        if not (self.seq_item or self.seq_seq):
+            raise ConfigError("seq_item, seq_seq: switch at most one of the two losses off")
+        check_range("temperature", self.temperature, 0, low_open=True)
+        check_range("lam", self.lam, 0)
+        for key in ("item_drop_batch_prob", "item_keep_prob", "word_drop_position_prob"):
+            check_range(key, getattr(self, key), 0, 1)
 
 
 @dataclass
@@ -39,6 +62,14 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 disables
     epochs: int = 10
     max_steps: int = 0  # stop after this many steps (0 = run all epochs)
+
+    def validate(self) -> None:
+        check_range("lr", self.lr, 0, low_open=True)
+        check_range("weight_decay", self.weight_decay, 0)
+        check_range("warmup_steps", self.warmup_steps, 0)
+        check_range("grad_clip", self.grad_clip, 0)
+        check_range("epochs", self.epochs, 1)
+        check_range("max_steps", self.max_steps, 0)
 
 
 @dataclass
@@ -59,6 +90,10 @@ class DistributedConfig:
             raise ConfigError(f"zero_stage: must be 0..3, got {self.zero_stage}")
         if self.num_workers < 1:
             raise ConfigError(f"num_workers: must be >= 1, got {self.num_workers}")
+        check_range("cpus_per_worker", self.cpus_per_worker, 1)
+        check_range("checkpoint_every", self.checkpoint_every, 1)
+        check_range("keep_checkpoints", self.keep_checkpoints, 1)
+        check_range("max_failures", self.max_failures, -1)  # -1 = retry for ever (Ray's meaning)
 
 
 @dataclass
@@ -73,8 +108,11 @@ class MlflowConfig:
 class FaultInjection:
     """For tests of recovery: the rank's process exits once at this step (0 = never)."""
 
-    kill_rank: int = 0
+    kill_rank: int = 0  # the rank that exits (or stalls)
     kill_at_step: int = 0
+    # the rank stops responding once at this step, as on a lost node, until its process is
+    # ended (a node drill removes its node); it writes its node id to a marker first (0 = never)
+    stall_at_step: int = 0
 
 
 @dataclass
@@ -93,3 +131,6 @@ class PretrainConfig:
     # also every this many steps (0 = epoch ends only). The registered backbone is the
     # checkpoint with the lowest held-out loss.
     heldout_every: int = 0
+
+    def validate(self) -> None:
+        check_range("log_every", self.log_every, 1)

@@ -14,29 +14,53 @@ import dataclasses
 import json
 import logging
 import time
-import warnings
 from pathlib import Path
 
-import pandas as pd
-
 from pretrain.config import PretrainConfig
-from sharding.dataset import Dataset
+from sharding.dataset import Dataset, log_mlflow_input
 from unisrec import tags
 from unisrec.config import to_dict
-from unisrec.tracking import config_hash, config_params, configure_mlflow, git_commit
+from unisrec.tracking import (
+    config_hash,
+    config_params,
+    configure_mlflow,
+    git_commit,
+    set_experiment,
+)
 
 log = logging.getLogger(__name__)
 RUN_STATE = "run.json"
 
 
 def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
-    """Pretrain, register the backbone, return the summary (also written to summary.json)."""
+    """Pretrain, register the backbone, return the summary (also written to summary.json).
+
+    The MLflow run ends FINISHED only when all of it succeeded: FAILED on an error, KILLED on
+    Ctrl-C (``--resume`` continues either).
+    """
+    opened: dict[str, str] = {}
+    try:
+        return _run_pretrain(cfg, resume, opened)
+    except BaseException as err:
+        if "run_id" in opened:
+            from mlflow.tracking import MlflowClient
+
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+            try:
+                MlflowClient(opened["tracking_uri"]).set_terminated(opened["run_id"], status)
+            except Exception as mark_err:  # the original error matters more
+                log.warning("could not mark run %s %s: %s", opened["run_id"], status, mark_err)
+        raise
+
+
+def _run_pretrain(cfg: PretrainConfig, resume: bool, opened: dict[str, str]) -> dict:
     import mlflow
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from mlflow.tracking import MlflowClient
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pretrain.worker import train_loop_per_worker
-    from unisrec.runtime import ensure_ray
+    from unisrec.runtime import ensure_ray, verbose
 
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -50,12 +74,13 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     )
     dataset = Dataset(cfg.data.dir)
     dataset.shard_specs(cfg.data.shard_base or None, cfg.data.domains)  # fail here, not in workers
+    dataset.check_shards(cfg.data.shard_base or None)  # a truncated shard: named, before Ray
 
     # 1. The MLflow run (the same one again on --resume).
     previous = _read_run_state(out) if resume else None
     if resume and previous is None:
         raise FileNotFoundError(f"--resume: no earlier run in {out} ({RUN_STATE} missing)")
-    mlflow.set_experiment(cfg.mlflow.experiment)
+    set_experiment(cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
     run_name = (
         previous["ray_run_name"] if previous else f"pretrain-{time.strftime('%Y%m%d-%H%M%S')}"
     )
@@ -72,9 +97,11 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
                     tags.DATA_DIGEST: dataset.digest,
                 }
             )
-            mlflow.log_input(_manifest_as_dataset(dataset), context="pretraining")
+            log_mlflow_input(dataset, context="pretraining")
             mlflow.log_dict(dataset.manifest, "dataset_manifest.json")
     (out / RUN_STATE).write_text(json.dumps({"run_id": run_id, "ray_run_name": run_name}))
+    opened.update(run_id=run_id, tracking_uri=cfg.mlflow.tracking_uri)
+    MlflowClient().update_run(run_id, status="RUNNING")  # until it finishes, fails or is killed
 
     # 2. Ray Train: N DeepSpeed workers; a failed worker restarts the group from the last checkpoint.
     ensure_ray(cfg.distributed.ray_address)
@@ -88,25 +115,31 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     resources = {"CPU": cfg.distributed.cpus_per_worker}
     if cfg.distributed.use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "mlflow_run_id": run_id},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.distributed.num_workers,
-            use_gpu=cfg.distributed.use_gpu,
-            resources_per_worker=resources,
-        ),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.distributed.keep_checkpoints, **scored
+
+    def make_trainer() -> TorchTrainer:
+        return TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"cfg": to_dict(cfg), "mlflow_run_id": run_id},
+            scaling_config=ScalingConfig(
+                num_workers=cfg.distributed.num_workers,
+                use_gpu=cfg.distributed.use_gpu,
+                resources_per_worker=resources,
             ),
-        ),
-    )
+            run_config=RunConfig(
+                name=run_name,
+                storage_path=str(storage),
+                # Restarts are made by _fit_with_restarts, which knows which errors repeat.
+                failure_config=FailureConfig(max_failures=0),
+                checkpoint_config=CheckpointConfig(
+                    num_to_keep=cfg.distributed.keep_checkpoints, **scored
+                ),
+                # Ray Train's per-step messages only with -v: rank 0 prints its own progress line.
+                logging_config=LoggingConfig(log_level="INFO" if verbose() else "ERROR"),
+            ),
+        )
+
     started = time.perf_counter()
-    result = trainer.fit()
+    result = _fit_with_restarts(make_trainer, cfg.distributed.max_failures)
     wall = time.perf_counter() - started
     if result.checkpoint is None:
         raise RuntimeError("pretraining finished without a checkpoint")
@@ -149,6 +182,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
         # Training throughput (mean over logged windows; excludes Ray and DeepSpeed start-up).
         "sequences_per_second": _mean_metric(run_id, "sequences_per_second"),
         "tokens_per_second": _mean_metric(run_id, "tokens_per_second"),
+        "targets_per_second": _mean_metric(run_id, "targets_per_second"),
         "final_loss": final_metrics.get("loss"),
         "final_loss_seq_item": final_metrics.get("loss_seq_item"),
         "final_loss_seq_seq": final_metrics.get("loss_seq_seq"),
@@ -167,6 +201,48 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _plot_loss(run_id, out / "pretrain_loss.png")
     return summary
+
+
+def _fit_with_restarts(make_trainer, max_failures: int):
+    """``make_trainer().fit()``, started again from the last checkpoint after a worker failure,
+    up to ``max_failures`` times (-1: no limit).
+
+    A data or config error in a worker (a truncated shard, say) would only repeat: it is
+    raised at once as itself, one line for the CLI, without using up a restart.
+    """
+    from ray.train import TrainingFailedError
+
+    failures = 0
+    while True:
+        try:
+            return make_trainer().fit()
+        except TrainingFailedError as err:
+            fatal = _deterministic_error(err)
+            if fatal is not None:
+                raise fatal from None
+            if 0 <= max_failures <= failures:
+                raise
+            failures += 1
+            log.warning(
+                "training failed (%s); restart %d of %s from the last checkpoint",
+                str(err).strip().splitlines()[-1][:300],
+                failures,
+                max_failures if max_failures >= 0 else "unlimited",
+            )
+
+
+def _deterministic_error(err: Exception) -> Exception | None:
+    """The first DataError or ConfigError a worker raised, as one clean line, or None."""
+    from unisrec.errors import ConfigError, DataError
+
+    for failure in getattr(err, "worker_failures", {}).values():
+        if isinstance(failure, (DataError, ConfigError)):
+            # Raised in a DataLoader process, the message is that process's whole traceback:
+            # its last line is the error itself.
+            last = str(failure).strip().splitlines()[-1] if str(failure).strip() else ""
+            name = f"{type(failure).__module__}.{type(failure).__name__}: "
+            return type(failure)(last.removeprefix(name))
+    return None
 
 
 def _best_checkpoint(result):
@@ -221,30 +297,6 @@ def _mean_metric(run_id: str, key: str) -> float | None:
 def _read_run_state(out: Path) -> dict | None:
     path = out / RUN_STATE
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def _manifest_as_dataset(dataset: Dataset):
-    """The shard manifest as an MLflow dataset input (one row per domain, manifest digest)."""
-    import mlflow.data
-
-    rows = [
-        {
-            "domain": d.name,
-            "users": d.num_users,
-            "items": d.num_items,
-            "interactions": d.num_interactions,
-            "pretrain": d.pretrain,
-        }
-        for d in dataset.domains.values()
-    ]
-    with warnings.catch_warnings():  # integer counts: MLflow's "missing values" hint does not apply
-        warnings.simplefilter("ignore", UserWarning)
-        return mlflow.data.from_pandas(
-            pd.DataFrame(rows),
-            source=str(dataset.root),
-            name=f"unisrec-shards-{dataset.digest[:8]}",
-            digest=dataset.digest[:32],
-        )
 
 
 def _plot_loss(run_id: str, path: Path) -> None:

@@ -2,11 +2,12 @@
 
 * sequence-item (L_si): a sequence prefix should score its next item above every other
   distinct item of the global batch;
-* sequence-sequence (L_ss): a sequence should score its own augmented view above the other
-  sequences' augmented views.
+* sequence-sequence (L_ss): the same query prefix should score its own augmented view
+  above the augmented views of all other query prefixes of the global batch (the other
+  prefixes of its own window are left out: they share its items).
 
 Both use cosine similarity over a temperature. ``loss = L_si + lam * L_ss``, each term a
-mean over the whole global batch, so 1 worker and N workers on the same global batch give
+mean over all query prefixes of the whole global batch, so 1 worker and N workers on the same global batch give
 the same loss and (after DDP/DeepSpeed's gradient averaging) the same gradients.
 """
 
@@ -48,31 +49,35 @@ def seq_item_loss(
     is_target = (targets.unsqueeze(1) == all_ids.unsqueeze(0)) & candidate  # (Q, K_all)
     if not bool(is_target.any(dim=1).all()):
         raise ValueError("every target item must be among this rank's key_ids")
-    labels = is_target.int().argmax(dim=1)
+    # No keys anywhere (an all-filler batch on one process): no queries either.
+    labels = is_target.int().argmax(dim=1) if is_target.numel() else targets.new_zeros(0)
     return F.cross_entropy(logits, labels, reduction="sum"), int(q.shape[0])
 
 
 def seq_seq_loss(
     seq: torch.Tensor,
     aug: torch.Tensor,
-    valid: torch.Tensor,
+    window: torch.Tensor,
     temperature: float,
     gather: Gather,
 ) -> tuple[torch.Tensor, int]:
-    """InfoNCE of each sequence against all ranks' augmented views; its own view is positive.
+    """InfoNCE of each query prefix against all ranks' augmented prefix views.
 
-    seq, aug: ``(B, H)`` with the same B on every rank (the gather needs equal shapes);
-    valid: ``(B,)`` bool, False for filler rows, which are neither queries nor keys.
-    Returns (sum of the per-sequence cross-entropies, scalar with grad; valid count).
+    seq, aug: ``(Q, H)``, query prefix i and its augmented view (Q may differ per rank);
+    window: ``(Q,)`` long, a global-batch-wide id of the window each prefix comes from. Query
+    i's positive is its own view; every other rank's and window's view is a negative; the
+    other prefixes of its own window are not keys. Returns (sum of the Q cross-entropies,
+    scalar with grad; Q).
     """
-    b = seq.shape[0]
-    all_aug = gather.all_gather(F.normalize(aug, dim=-1))  # (world * B, H)
-    key_valid = gather.all_gather(valid)
-    own = gather.rank * b + torch.arange(b, device=seq.device)
-    # Filler query rows are dropped before the softmax: their own key is masked out.
-    q = F.normalize(seq[valid], dim=-1)
-    logits = (q @ all_aug.T / temperature).masked_fill(~key_valid, float("-inf"))
-    return F.cross_entropy(logits, own[valid], reduction="sum"), int(q.shape[0])
+    q = F.normalize(seq, dim=-1)
+    all_aug, valid = gather.all_gather_ragged(F.normalize(aug, dim=-1))  # (world * Q_max, H)
+    all_window, _ = gather.all_gather_ragged(window)
+    q_max = all_aug.shape[0] // gather.world_size
+    own = gather.rank * q_max + torch.arange(q.shape[0], device=q.device)  # (Q,)
+    keys = torch.arange(all_aug.shape[0], device=q.device)
+    sibling = (window.unsqueeze(1) == all_window.unsqueeze(0)) & (own.unsqueeze(1) != keys)
+    logits = (q @ all_aug.T / temperature).masked_fill(sibling | ~valid, float("-inf"))
+    return F.cross_entropy(logits, own, reduction="sum"), int(q.shape[0])
 
 
 def next_item_targets(
@@ -81,12 +86,13 @@ def next_item_targets(
     """Split a batch into all its next-item prediction problems at once.
 
     batch: ``items`` ``(B, T)`` long, right-padded with 0; ``lengths`` ``(B,)`` long, 0 for
-    filler rows. Input position t predicts item t+1, so every prefix of every sequence is a
-    query in one causal pass:
+    filler rows; ``first_query`` ``(B,)`` long (optional, default 0): input positions before
+    it are history only (see :func:`sharding.windows.training_windows`). Input position t
+    predicts item t+1, so every query of every window is answered in one causal pass:
 
-        items     [a b c d 0]   length 4
-        inputs    [a b c d]     positions 0..2 are queries
-        targets   [b c d 0]     query_mask [1 1 1 0]
+        items     [a b c d 0]   length 4, first_query 1
+        inputs    [a b c d]     positions 1..2 are queries
+        targets   [b c d 0]     query_mask [0 1 1 0]
 
     Returns ``items`` ``(B, T)`` with anything past a row's length zeroed, ``inputs``
     ``(B, T-1)``, ``targets`` ``(B, T-1)`` and ``query_mask`` ``(B, T-1)`` bool.
@@ -94,9 +100,13 @@ def next_item_targets(
     items, lengths = batch["items"], batch["lengths"]
     if items.shape[1] < 2:
         raise ValueError(f"items needs at least 2 columns (input + target), got {items.shape}")
+    first_query = batch.get("first_query")
+    if first_query is None:
+        first_query = torch.zeros_like(lengths)
     positions = torch.arange(items.shape[1], device=items.device)
     items = items.masked_fill(positions >= lengths.unsqueeze(1), 0)
-    query_mask = positions[:-1] < (lengths - 1).unsqueeze(1)
+    inputs_at = positions[:-1]
+    query_mask = (inputs_at < (lengths - 1).unsqueeze(1)) & (inputs_at >= first_query.unsqueeze(1))
     return items, items[:, :-1], items[:, 1:], query_mask
 
 
@@ -105,22 +115,23 @@ def global_mean_loss(
     si_count: int,
     ss_sum: torch.Tensor,
     ss_count: int,
-    lam: float,
+    ss_weight: float,
     gather: Gather,
 ) -> dict[str, torch.Tensor | float | int]:
     """Turn this rank's loss sums into its share of the global-mean loss.
 
     DDP and DeepSpeed average gradients over ranks, so each rank's loss is scaled by the world
     size: the averaged gradient is then the one-process gradient of
-    ``mean(L_si) + lam * mean(L_ss)`` over the global batch.
-    Returns ``loss`` (scalar to backprop) and the global means ``seq_item``, ``seq_seq`` and
-    query count ``queries`` for logging.
+    ``mean(L_si) + ss_weight * mean(L_ss)`` over the global batch
+    (:attr:`LossConfig.seq_seq_weight`). Returns ``loss`` (scalar to backprop) and the global
+    means ``seq_item``, ``seq_seq`` (0 for a term switched off) and query count ``queries``
+    for logging.
     """
     sums = torch.stack([si_sum.detach(), ss_sum.detach()]).double()
     counts = torch.tensor([si_count, ss_count], dtype=torch.float64, device=sums.device)
     totals = gather.all_reduce_sum(torch.cat([sums, counts]))  # one collective for all four
     si_total, ss_total = max(float(totals[2]), 1.0), max(float(totals[3]), 1.0)
-    loss = (si_sum / si_total + lam * ss_sum / ss_total) * gather.world_size
+    loss = (si_sum / si_total + ss_weight * ss_sum / ss_total) * gather.world_size
     return {
         "loss": loss,
         "seq_item": float(totals[0]) / si_total,
@@ -145,7 +156,8 @@ def pretrain_loss(
     model: called as a module (a DeepSpeed engine works too: ZeRO-3 gathers its partitioned
     parameters in the module hooks). batch: ``items`` ``(B, T)`` long global item indexes
     right-padded with 0 (T may be ``max_seq_len + 1``: the last column is only ever a
-    target), ``lengths`` ``(B,)`` long (0 for filler rows), ``sample_id`` ``(B,)`` long.
+    target), ``lengths`` ``(B,)`` long (0 for filler rows), ``first_query`` ``(B,)`` long
+    (optional; see :func:`next_item_targets`), ``sample_id`` ``(B,)`` long.
     text_table, worddrop_table: ``(N+1, D)`` float32 text vectors of each item's text and of
     its word-dropped text. B must be equal on every rank. See :func:`global_mean_loss` for
     the returned dict.
@@ -156,31 +168,40 @@ def pretrain_loss(
     # The adaptor runs once per distinct item; its outputs are both inputs and candidates.
     encoded = model(items, text_table, last_is_target=True)
     outputs = encoded.outputs  # (B, T-1, H)
-    real = encoded.item_ids != 0
-    si_sum, si_count = seq_item_loss(
-        outputs[query_mask],
-        targets[query_mask],
-        encoded.item_vectors[real],
-        encoded.item_ids[real],
-        loss.temperature,
-        gather,
-    )
+    # A term switched off (the paper's ablations) is not computed: sum 0 over the queries.
+    queries = int(query_mask.sum())
+    si_sum, si_count = ss_sum, ss_count = outputs.new_zeros(()), queries
+    if loss.seq_item:
+        real = encoded.item_ids != 0
+        si_sum, si_count = seq_item_loss(
+            outputs[query_mask],
+            targets[query_mask],
+            encoded.item_vectors[real],
+            encoded.item_ids[real],
+            loss.temperature,
+            gather,
+        )
 
-    aug_items, aug_lengths, use_worddrop = augment(
-        inputs, input_lengths, batch["sample_id"], step, seed,
-        item_drop_prob=loss.item_drop_batch_prob,
-        keep_prob=loss.item_keep_prob,
-        word_drop_pos_prob=loss.word_drop_position_prob,
-    )  # fmt: skip
-    aug_outputs = model(aug_items, text_table, worddrop_table, use_worddrop).outputs
-    ss_sum, ss_count = seq_seq_loss(
-        SequenceRecommender.last(outputs, input_lengths),
-        SequenceRecommender.last(aug_outputs, aug_lengths),
-        input_lengths > 0,
-        loss.temperature,
-        gather,
-    )
-    return global_mean_loss(si_sum, si_count, ss_sum, ss_count, loss.lam, gather)
+    if loss.seq_seq:
+        # One augmented pass over whole windows; prefix t's view is the augmented row's
+        # output at cumsum(keep)[t] - 1 (word drop keeps every item: position t).
+        aug_items, _, use_worddrop, keep = augment(
+            inputs, input_lengths, batch["sample_id"], step, seed,
+            item_drop_prob=loss.item_drop_batch_prob,
+            keep_prob=loss.item_keep_prob,
+            word_drop_pos_prob=loss.word_drop_position_prob,
+        )  # fmt: skip
+        aug_outputs = model(aug_items, text_table, worddrop_table, use_worddrop).outputs
+        rows, cols = query_mask.nonzero(as_tuple=True)
+        view_at = keep.long().cumsum(dim=1) - 1  # (B, T-1)
+        ss_sum, ss_count = seq_seq_loss(
+            outputs[rows, cols],
+            aug_outputs[rows, view_at[rows, cols]],
+            gather.rank * items.shape[0] + rows,
+            loss.temperature,
+            gather,
+        )
+    return global_mean_loss(si_sum, si_count, ss_sum, ss_count, loss.seq_seq_weight, gather)
 
 
 def _first_occurrence(ids: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unisrec.errors import ConfigError
+
 
 @dataclass
 class BackboneConfig:
@@ -44,27 +46,41 @@ class BackboneConfig:
     attn_dropout: float = 0.5  # on attention probabilities
     layer_norm_eps: float = 1e-12  # LayerNorm epsilon (as in SASRec/RecBole)
     max_seq_len: int = 50  # learned positions; longer inputs are rejected
-    num_experts: int = 8  # G: adaptor experts
+    num_experts: int = 8  # G: adaptor experts; 1 = one expert, no gate (paper's "w/o MoE")
+    whitening: bool = True  # False: experts are plain x @ W, no learned shift ("w/o PW")
     adaptor_dropout: float = 0.2  # dropout on the text vector inside each expert
     initializer_range: float = 0.02  # std of the normal init of Linear/Embedding weights
+
+    def validate(self) -> None:
+        if self.num_experts < 1:
+            raise ConfigError(f"num_experts: must be >= 1, got {self.num_experts}")
 
 
 # --- the MoE adaptor: frozen text vectors -> item vectors ---------------------------------
 
 
 class PWLayer(nn.Module):
-    """One expert: ``(dropout(x) - b) @ W``, a learned whitening of the text vector."""
+    """One expert: ``(dropout(x) - b) @ W``, a learned whitening of the text vector.
 
-    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0):
+    Computed as ``dropout(x) @ W - b @ W``: text vectors are frozen, so the backward pass
+    then needs no ``(n, in_dim)`` input gradient (a third of the expert's matmul work) to
+    reach ``b``.
+
+    ``whitening=False`` drops the shift ``b`` (no such parameter): ``dropout(x) @ W``, the
+    paper's "w/o PW" ablation.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0, whitening: bool = True):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
-        self.bias = nn.Parameter(torch.zeros(in_dim))
+        self.bias = nn.Parameter(torch.zeros(in_dim)) if whitening else None
         self.lin = nn.Linear(in_dim, out_dim, bias=False)
         nn.init.normal_(self.lin.weight, mean=0.0, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(..., in_dim)`` float32 -> ``(..., out_dim)`` float32."""
-        return self.lin(self.dropout(x) - self.bias)
+        out = self.lin(self.dropout(x))
+        return out - self.lin(self.bias) if self.bias is not None else out
 
 
 class MoEAdaptor(nn.Module):
@@ -74,7 +90,8 @@ class MoEAdaptor(nn.Module):
     recommender's space, and is the only part tuned when adapting to a new domain. Gates are
     ``softmax(x W_gate + noise)``; the noise, ``randn * (softplus(x W_noise) + 0.01)``, is
     added only while training (and only if ``noise``), so evaluation is deterministic. Both
-    gate matrices start at zero: every expert begins with the same weight 1/G.
+    gate matrices start at zero: every expert begins with the same weight 1/G. With one
+    expert there is no gate at all (no gate parameters): the output is that expert's.
     """
 
     def __init__(
@@ -84,15 +101,25 @@ class MoEAdaptor(nn.Module):
         num_experts: int = 8,
         dropout: float = 0.2,
         noise: bool = True,
+        whitening: bool = True,
     ):
         super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         self.noise = noise
-        self.experts = nn.ModuleList(PWLayer(in_dim, out_dim, dropout) for _ in range(num_experts))
-        self.w_gate = nn.Parameter(torch.zeros(in_dim, num_experts))
-        self.w_noise = nn.Parameter(torch.zeros(in_dim, num_experts))
+        self.experts = nn.ModuleList(
+            PWLayer(in_dim, out_dim, dropout, whitening) for _ in range(num_experts)
+        )
+        self.w_gate: nn.Parameter | None = None
+        self.w_noise: nn.Parameter | None = None
+        if num_experts > 1:
+            self.w_gate = nn.Parameter(torch.zeros(in_dim, num_experts))
+            self.w_noise = nn.Parameter(torch.zeros(in_dim, num_experts))
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(..., in_dim)`` -> expert weights ``(..., G)`` float32, summing to 1."""
+        if self.w_gate is None:
+            return x.new_ones(*x.shape[:-1], 1)
         logits = x @ self.w_gate
         if self.training and self.noise:
             std = F.softplus(x @ self.w_noise) + 1e-2
@@ -101,6 +128,8 @@ class MoEAdaptor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(..., in_dim)`` float32 text vectors -> ``(..., out_dim)`` float32."""
+        if len(self.experts) == 1:
+            return self.experts[0](x)
         outputs = torch.stack([expert(x) for expert in self.experts], dim=-2)  # (..., G, out)
         return (self.gates(x).unsqueeze(-1) * outputs).sum(dim=-2)
 
@@ -218,6 +247,12 @@ class SequenceRecommender(nn.Module, ABC):
     def max_seq_len(self) -> int:
         return self.cfg.max_seq_len
 
+    @property
+    @abstractmethod
+    def reads_item_ids(self) -> bool:
+        """Whether :meth:`item_vectors` reads ``ids``; if not, items with equal text vectors
+        are the same item to the model (evaluation scores them as exact ties)."""
+
     @abstractmethod
     def item_vectors(self, text_vecs: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
         """text_vecs: ``(..., D)`` float32, ids: ``(...)`` long -> ``(..., H)`` float32."""
@@ -310,12 +345,20 @@ class UniSRec(SequenceRecommender):
         self.cfg = cfg
         self.text_dim = text_dim
         self.adaptor = MoEAdaptor(
-            text_dim, cfg.hidden_size, num_experts=cfg.num_experts, dropout=cfg.adaptor_dropout
+            text_dim,
+            cfg.hidden_size,
+            num_experts=cfg.num_experts,
+            dropout=cfg.adaptor_dropout,
+            whitening=cfg.whitening,
         )
         self.encoder = SequenceEncoder(cfg)
         self.item_ids: nn.Embedding | None = None
         if num_items > 0:
             self.item_ids = _id_embedding(num_items, cfg)
+
+    @property
+    def reads_item_ids(self) -> bool:
+        return self.item_ids is not None
 
     def item_vectors(self, text_vecs: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
         """``ids`` are read only in transductive mode; id 0 adds the zero padding row."""
@@ -329,11 +372,14 @@ class UniSRec(SequenceRecommender):
     def score(
         self, queries: torch.Tensor, vectors: torch.Tensor, temperature: float
     ) -> torch.Tensor:
-        return F.normalize(queries, dim=-1) @ F.normalize(vectors, dim=-1).T / temperature
+        # 1/tau on the (..., H) queries, not on the (..., N) logits: one pass less each way.
+        return (F.normalize(queries, dim=-1) / temperature) @ F.normalize(vectors, dim=-1).T
 
     def tuned_parameters(self) -> Iterator[nn.Parameter]:
-        """The MoE adaptor and, if transductive, the item ID embedding."""
+        """The MoE adaptor, the encoder's input LayerNorm and, if transductive, the item ID
+        embedding: the official code freezes only the Transformer blocks and the positions."""
         yield from self.adaptor.parameters()
+        yield from self.encoder.norm.parameters()
         if self.item_ids is not None:
             yield from self.item_ids.parameters()
 
@@ -353,6 +399,10 @@ class SASRec(SequenceRecommender):
         self.num_items = num_items
         self.item_ids = _id_embedding(num_items, cfg)
         self.encoder = SequenceEncoder(cfg)
+
+    @property
+    def reads_item_ids(self) -> bool:
+        return True
 
     def item_vectors(self, text_vecs: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
         return self.item_ids(ids)

@@ -1,10 +1,10 @@
 """The straightforward pretraining formulation, kept as the throughput benchmark's baseline.
 
-Every prefix of every sequence becomes its own sample, padded to ``max_seq_len``, and the
-adaptor runs over every position of every sample. The loss reads each sample's last
-position. It computes the same losses as :func:`pretrain.losses.pretrain_loss` (equal in
-eval mode) at roughly ``T`` times the encoder work and ``T * max_seq_len / U`` times the
-adaptor work.
+Every query prefix of every window becomes its own sample, padded to ``max_seq_len``, and
+is augmented on its own; the adaptor runs over every position of every sample. The loss
+reads each sample's last position. It computes the same losses as
+:func:`pretrain.losses.pretrain_loss` (equal in eval mode) at roughly ``2 T`` times the
+encoder work and ``T * max_seq_len / U`` times the adaptor work.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ def naive_pretrain_loss(
     items, inputs, targets, query_mask = next_item_targets(batch)
     if inputs.shape[1] > max_len:
         raise ValueError(f"{inputs.shape[1]} input positions exceed max_seq_len {max_len}")
-    input_lengths = (batch["lengths"] - 1).clamp(min=0)
 
     # One sample per query: row b's items 0..t, padded to max_seq_len.   (Q, max_len)
     rows, ends = query_mask.nonzero(as_tuple=True)
@@ -53,13 +52,9 @@ def naive_pretrain_loss(
         queries, targets[query_mask], keys, key_ids, loss.temperature, gather
     )
 
-    # A sequence's own vector is its longest prefix, the last query of its row.
-    valid = input_lengths > 0
-    seq = queries.new_zeros(len(valid), queries.shape[1])
-    seq[valid] = queries[query_mask.sum(dim=1).cumsum(dim=0)[valid] - 1]
-
-    aug_items, aug_lengths, use_worddrop = augment(
-        inputs, input_lengths, batch["sample_id"], step, seed,
+    # Each query prefix augmented on its own (the decisions follow sample id and position).
+    aug_items, aug_lengths, use_worddrop, _ = augment(
+        prefixes, ends + 1, batch["sample_id"][rows], step, seed,
         item_drop_prob=loss.item_drop_batch_prob,
         keep_prob=loss.item_keep_prob,
         word_drop_pos_prob=loss.word_drop_position_prob,
@@ -69,9 +64,18 @@ def naive_pretrain_loss(
     )
     aug_outputs = _encode_every_position(model, aug_items, aug_text)
     ss_sum, ss_count = seq_seq_loss(
-        seq, SequenceRecommender.last(aug_outputs, aug_lengths), valid, loss.temperature, gather
+        queries,
+        SequenceRecommender.last(aug_outputs, aug_lengths),
+        gather.rank * items.shape[0] + rows,
+        loss.temperature,
+        gather,
     )
-    return global_mean_loss(si_sum, si_count, ss_sum, ss_count, loss.lam, gather)
+    # The ablation switches: a term switched off counts 0 (efficient code skips computing it).
+    if not loss.seq_item:
+        si_sum = si_sum.new_zeros(())
+    if not loss.seq_seq:
+        ss_sum = ss_sum.new_zeros(())
+    return global_mean_loss(si_sum, si_count, ss_sum, ss_count, loss.seq_seq_weight, gather)
 
 
 def _encode_every_position(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +38,22 @@ def deepspeed_config(cfg: PretrainConfig) -> dict:
     )
 
 
+def progress_line(
+    step: int, total: int, epoch: int, loss: float, samples_per_s: float, seconds_per_step: float
+) -> str:
+    """Rank 0's progress line, e.g. ``step 40/232 (17%) epoch 1 loss 3.2101 61.2 seq/s ETA 3m12s``."""
+    eta = max(total - step, 0) * seconds_per_step
+    minutes, seconds = divmod(round(eta), 60)
+    return (
+        f"step {step}/{total} ({100 * step / max(total, 1):.0f}%) epoch {epoch} loss {loss:.4f} "
+        f"{samples_per_s:.1f} seq/s ETA {minutes}m{seconds:02d}s"
+    )
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
+    from unisrec.runtime import quiet_train_worker
+
+    quiet_train_worker()  # unless -v: our progress line, not Ray's per-report messages
     import deepspeed  # imported here: importing it in the Ray driver can break the controller
     import ray.train
 
@@ -107,6 +123,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # 4. Train.
     engine.train()
     meter = _WindowMeter()
+    started, first_step = time.perf_counter(), state["step"]
     metrics: dict = {}
     while state["step"] < total_steps:
         batches = stream.epoch(state["epoch"])
@@ -120,6 +137,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 and rank == cfg.fault.kill_rank
             ):
                 _die_once(cfg, rank)
+            if cfg.fault.stall_at_step == state["step"] > 0 and rank == cfg.fault.kill_rank:
+                _stall_once(cfg, rank)
             batch = {k: v.to(device) for k, v in batch.items()}
             out = pretrain_loss(
                 engine,
@@ -141,18 +160,32 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state["batch_in_epoch"] = batch_index + 1
             state["samples_seen"] += int(counts[0])
             state["tokens_seen"] += int(counts[1])
-            meter.add(int(counts[0]), int(counts[1]), out["seq_item"], out["seq_seq"])
+            meter.add(
+                int(counts[0]), int(counts[1]), out["queries"], out["seq_item"], out["seq_seq"]
+            )
 
             done = state["step"] >= total_steps
             if state["step"] % cfg.log_every == 0 or done:
                 metrics = {
-                    **meter.report(cfg.loss.lam),
+                    **meter.report(cfg.loss.seq_seq_weight),
                     "lr": scheduler.get_last_lr()[0],
                     "samples_seen": state["samples_seen"],
                     "epoch": state["epoch"],
                 }
                 if logger:
                     logger.log(metrics, state["step"])
+                if rank == 0:
+                    per_step = (time.perf_counter() - started) / (state["step"] - first_step)
+                    line = progress_line(
+                        state["step"],
+                        total_steps,
+                        state["epoch"],
+                        metrics["loss"],
+                        metrics["sequences_per_second"],
+                        per_step,
+                    )
+                    sys.stdout.write(line + "\n")  # not print: Ray Train's patch echoes it twice
+                    sys.stdout.flush()
             end_of_epoch = state["batch_in_epoch"] == epoch_length
             score = float("inf")  # checkpoints without a held-out loss rank last
             every = cfg.heldout_every and state["step"] % cfg.heldout_every == 0
@@ -185,32 +218,37 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 class _WindowMeter:
-    """Mean losses, sequences and non-padding tokens per second since the last report.
+    """Mean losses; sequences, non-padding tokens and next-item targets (seq-item queries, all
+    ranks) per second since the last report.
 
     Losses are averaged over the window's steps: one step's loss is noisy, and an epoch's
     last, partly filled batch has fewer negatives and so a lower loss.
     """
 
     def __init__(self):
-        self.start, self.sequences, self.tokens = time.perf_counter(), 0, 0
+        self.start, self.sequences, self.tokens, self.targets = time.perf_counter(), 0, 0, 0
         self.steps, self.seq_item, self.seq_seq = 0, 0.0, 0.0
 
-    def add(self, sequences: int, tokens: int, seq_item: float, seq_seq: float) -> None:
+    def add(
+        self, sequences: int, tokens: int, targets: int, seq_item: float, seq_seq: float
+    ) -> None:
         self.sequences += sequences
         self.tokens += tokens
+        self.targets += targets
         self.steps += 1
         self.seq_item += seq_item
         self.seq_seq += seq_seq
 
-    def report(self, lam: float) -> dict[str, float]:
+    def report(self, ss_weight: float) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         steps = max(self.steps, 1)
         out = {
-            "loss": (self.seq_item + lam * self.seq_seq) / steps,
+            "loss": (self.seq_item + ss_weight * self.seq_seq) / steps,
             "loss_seq_item": self.seq_item / steps,
             "loss_seq_seq": self.seq_seq / steps,
             "sequences_per_second": self.sequences / elapsed,
             "tokens_per_second": self.tokens / elapsed,
+            "targets_per_second": self.targets / elapsed,
         }
         self.__init__()
         return out
@@ -247,18 +285,38 @@ def _die_once(cfg: PretrainConfig, rank: int) -> None:
         os._exit(1)
 
 
+def _stall_once(cfg: PretrainConfig, rank: int) -> None:
+    """Write this node's id to a marker, then hang (the first time only)."""
+    import ray
+
+    marker = Path(cfg.output_dir).resolve() / f".stalled-rank{rank}-step{cfg.fault.stall_at_step}"
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_name(f"{marker.name}.tmp")
+        tmp.write_text(ray.get_runtime_context().get_node_id())
+        tmp.replace(marker)  # whole, for whoever watches for it
+        while True:
+            time.sleep(60)
+
+
 class _MetricLogger:
-    """Rank 0's per-step metrics straight into the driver's MLflow run."""
+    """Rank 0's per-step metrics straight into the driver's MLflow run, each step once."""
 
     def __init__(self, tracking_uri: str, run_id: str):
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.run_id = run_id
+        # After a restart the steps since the last checkpoint run again: log each step once.
+        history = self.client.get_metric_history(run_id, "loss")
+        self.last_step = max((m.step for m in history), default=0)
 
     def log(self, metrics: dict, step: int) -> None:
         from mlflow.entities import Metric
 
+        if step <= self.last_step:
+            return
+        self.last_step = step
         now = int(time.time() * 1000)
         self.client.log_batch(
             self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from unisrec.config import check_range
 from unisrec.errors import ConfigError
 
 FORMATS = ("unisrec-atomic", "recbole-atomic", "csv", "amazon-2018", "online-retail")
@@ -47,6 +48,8 @@ class DomainSource:
     def validate(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
             raise ConfigError(f"name: {self.name!r} must be letters, digits, '-' or '_'")
+        if self.kcore is not None:
+            check_range("kcore", self.kcore, 0)
 
 
 @dataclass
@@ -59,6 +62,11 @@ class ProcessingConfig:
     # shuffle for online-retail). See "Tie groups" in docs/data-format.md.
     tie_order: Literal["file", "shuffle"] | None = None
     seed: int = 0  # seeds tie_order: shuffle
+
+    def validate(self) -> None:
+        check_range("kcore", self.kcore, 0)
+        check_range("max_seq_len", self.max_seq_len, 1)
+        check_range("max_text_chars", self.max_text_chars, 1)
 
 
 def resolve_tie_order(source: DomainSource, processing: ProcessingConfig) -> str:
@@ -81,6 +89,12 @@ class EncoderConfig:
     ray_actors: int = 2
     device: str = "auto"  # auto = cuda if available else cpu
 
+    def validate(self) -> None:
+        check_range("max_length", self.max_length, 1)
+        check_range("batch_size", self.batch_size, 1)
+        check_range("word_drop_prob", self.word_drop_prob, 0, 1)
+        check_range("ray_actors", self.ray_actors, 1)
+
 
 @dataclass
 class ShardOutputConfig:
@@ -94,6 +108,7 @@ class ShardOutputConfig:
     def validate(self) -> None:
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ConfigError(f"heldout_fraction: must be in [0, 1), got {self.heldout_fraction}")
+        check_range("num_shards", self.num_shards, 1)
 
 
 @dataclass

@@ -131,12 +131,21 @@ class Dataset:
         """Pretraining shards as :class:`sharding.stream.ShardSpec`, under ``base`` (default:
         this directory's ``shards/``; a URL or ``pipe:`` prefix reads them from elsewhere).
         ``domains``: read only these pretraining domains' samples (None or [] = all)."""
+        from sharding.pretrain_shards import SAMPLE_VERSION
         from sharding.stream import ShardSpec
 
         shards = self.manifest.get("shards")
         if not shards or not shards["files"]:
             raise DataError(
                 "no pretraining shards (no domain has pretrain: true)", file=self.root / MANIFEST
+            )
+        version = shards.get("sample_version", 1)
+        if version != SAMPLE_VERSION:
+            raise DataError(
+                f"pretraining shard samples are version {version}, this reader reads "
+                f"{SAMPLE_VERSION} (windows with first_query); run `unisrec shard` again",
+                file=self.root / MANIFEST,
+                field="shards.sample_version",
             )
         prefix = base.rstrip("/") if base else str(self.root / shards["dir"])
         if not domains:
@@ -169,6 +178,36 @@ class Dataset:
             if not domains or f["domain"] in domains
         }
 
+    def check_shards(self, base: str | None = None) -> None:
+        """Check each local pretraining shard's size and sha256 against the manifest.
+
+        Cheap next to a training run, and a bad shard is named here, once, instead of failing
+        every worker that reads it. Shards read from a URL or a ``pipe:`` are not checked.
+        """
+        from sharding.atomic import sha256_file
+
+        if base and ("://" in base or base.startswith("pipe:")):
+            return
+        shards = self.manifest.get("shards") or {"files": []}
+        prefix = Path(base) if base else self.root / shards.get("dir", "shards")
+        for record in shards["files"]:
+            path = prefix / record["name"]
+            fix = "re-run `unisrec shard` or restore the file"
+            if not path.is_file():
+                raise DataError(f"shard listed in the manifest is missing; {fix}", file=path)
+            size = path.stat().st_size
+            if "bytes" in record and size != record["bytes"]:
+                raise DataError(
+                    f"shard is {size} bytes, the manifest says {record['bytes']} "
+                    f"(truncated or replaced); {fix}",
+                    file=path,
+                )
+            if "sha256" in record and sha256_file(path) != record["sha256"]:
+                raise DataError(
+                    f"shard content differs from the manifest's sha256 (corrupt or replaced); {fix}",
+                    file=path,
+                )
+
     def verify(self) -> None:
         """Check every file against the manifest's sha256 digests."""
         from sharding.atomic import sha256_file
@@ -184,3 +223,40 @@ class Dataset:
 
     def _file(self, name: str, key: str) -> Path:
         return self.root / self.manifest["domains"][self.domain(name).name]["files"][key]["path"]
+
+
+def log_mlflow_input(dataset: Dataset, context: str, domains: list[str] | None = None) -> None:
+    """Log ``dataset`` (its ``domains``, default all) as a dataset input of the active MLflow
+    run: one row per domain, the manifest's digest, and a ``unisrec.domain`` input tag."""
+    import warnings
+
+    import mlflow
+    import mlflow.data
+
+    names = domains or list(dataset.domains)
+    rows = [
+        {
+            "domain": d.name,
+            "users": d.num_users,
+            "items": d.num_items,
+            "interactions": d.num_interactions,
+            "pretrain": d.pretrain,
+        }
+        for d in (dataset.domain(n) for n in names)
+    ]
+    label = "shards" if domains is None else "-".join(names)
+    # Integer counts: MLflow's "integer columns cannot hold missing values" hint does not
+    # apply (it is raised both when the dataset is made and when its schema is logged), and
+    # a local directory as the source is a local artifact source whichever way MLflow reads it.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message=".*interpreted in multiple ways", category=UserWarning
+        )
+        source = mlflow.data.from_pandas(
+            pd.DataFrame(rows),
+            source=str(dataset.root),
+            name=f"unisrec-{label}-{dataset.digest[:8]}",
+            digest=dataset.digest[:32],
+        )
+        mlflow.log_input(source, context=context, tags={"unisrec.domain": ",".join(names)})

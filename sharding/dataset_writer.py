@@ -21,6 +21,7 @@ from sharding.atomic import replace_directory, sha256_file
 from sharding.config import ShardJobConfig
 from sharding.dataset import FORMAT_VERSION, MANIFEST
 from sharding.pretrain_shards import (
+    SAMPLE_VERSION,
     heldout_users,
     pretraining_samples,
     write_heldout_shards,
@@ -112,6 +113,7 @@ def _write_into(
         )
         shards = {
             "dir": "shards",
+            "sample_version": SAMPLE_VERSION,
             "max_seq_len": max_seq_len,
             "num_samples": sum(r["num_samples"] for r in records),
             "domains": [name for name, *_ in pretrain_inputs],

@@ -21,6 +21,7 @@ from sharding.dataset_writer import EncodedDomain, write_dataset
 from sharding.encoding import encode_texts
 from sharding.readers import read_domain
 from sharding.text_encoder import word_drop
+from unisrec.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,12 @@ def run_shard_job(cfg: ShardJobConfig, out: str | Path, progress: bool = True) -
     domains = []
     for source in cfg.domains:
         seqs = read_domain(source, cfg.processing)
+        if not seqs.user_keys:  # formats that keep a given split skip the filters' own check
+            raise DataError(
+                f"domain {seqs.name!r}: no users to train on (0 interactions read; "
+                f"skipped by reason: {seqs.skipped or 'none'})",
+                file=source.path,
+            )
         log.info(
             "%s: %d users, %d items, %d interactions%s",
             seqs.name,

@@ -3,12 +3,14 @@
 A sample is one training window of one user's sequence, in *global* item indexes::
 
     __key__     "office-00000042-000"        domain, user, window
-    json        {"items": [g1, g2, ...], "domain": "office", "domain_id": 0,
-                 "user": 42, "sample_id": 1234}
+    json        {"items": [g1, g2, ...], "first_query": 0, "domain": "office",
+                 "domain_id": 0, "user": 42, "sample_id": 1234}
 
-A user's training sequence (everything before the valid and test items) is cut into windows
-of at most ``max_seq_len + 1`` items that overlap by one item, so every transition is a
-training target exactly once and no history is longer than ``max_seq_len``.
+A user's training sequence (everything before the valid and test items) is cut by
+:func:`sharding.windows.training_windows`: every target is a query in exactly one window
+(input positions ``>= first_query``) and sees exactly the ``max_seq_len`` items before it.
+The sample format's version is :data:`SAMPLE_VERSION` (``shards.sample_version`` in the
+manifest); version 1 samples had no ``first_query`` and are refused.
 Samples of all domains are shuffled together (seeded) and dealt round-robin into
 ``num_shards`` shards: domains interleave across and within shards, and shard sizes differ
 by at most one.
@@ -32,6 +34,7 @@ from sharding.atomic import atomic_path, sha256_file
 from sharding.windows import training_windows
 
 SHARD_PATTERN = "pretrain-{index:06d}.tar"
+SAMPLE_VERSION = 2  # 2: samples carry first_query (1: overlapping windows, every position)
 HELDOUT_PATTERN = "heldout-{domain}.tar"
 
 
@@ -39,6 +42,7 @@ HELDOUT_PATTERN = "heldout-{domain}.tar"
 class PretrainSample:
     key: str
     items: list[int]  # global item indexes, oldest first, 2..max_seq_len+1 of them
+    first_query: int  # input positions >= this are queries; earlier ones are history
     domain: str
     domain_id: int
     user: int
@@ -60,7 +64,8 @@ def pretraining_samples(
                 samples.append(
                     PretrainSample(
                         key=f"{name}-{user:08d}-{w:03d}",
-                        items=[int(i) + offset for i in window],
+                        items=[int(i) + offset for i in window.items],
+                        first_query=window.first_query,
                         domain=name,
                         domain_id=domain_id,
                         user=user,
@@ -155,6 +160,7 @@ def _write_tar(path: Path, samples: list[PretrainSample]) -> None:
                     "__key__": sample.key,
                     "json": {
                         "items": sample.items,
+                        "first_query": sample.first_query,
                         "domain": sample.domain,
                         "domain_id": sample.domain_id,
                         "user": sample.user,

@@ -30,6 +30,7 @@ import pandas as pd
 
 from sharding.config import ProcessingConfig
 from sharding.types import DomainSequences, EventLog
+from unisrec.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -97,18 +98,35 @@ def build_sequences(
     _count(skipped, log.domain, "duplicate", int((~unique).sum()))
     events = events[unique]
 
-    texts = {
-        item: cleaned
-        for item in events["item"].unique()
-        if item in log.item_text
-        and (cleaned := clean_text(log.item_text[item], cfg.max_text_chars))
-    }
+    texts, truncated = {}, 0
+    for item in events["item"].unique():
+        if item in log.item_text and (cleaned := clean_text(log.item_text[item])):
+            if len(cleaned) > cfg.max_text_chars:
+                truncated += 1
+                cleaned = clean_text(log.item_text[item], cfg.max_text_chars)
+            texts[item] = cleaned
+    if truncated:
+        skipped["text_truncated"] = skipped.get("text_truncated", 0) + truncated
+        logger.info(
+            "%s: cut %d item texts to %d characters", log.domain, truncated, cfg.max_text_chars
+        )
     has_text = events["item"].isin(texts.keys())
     _count(skipped, log.domain, "item_without_text", int((~has_text).sum()))
     events = events[has_text]
 
     before = len(events)
     events = kcore_filter(events, k, user_k=max(k, MIN_USER_INTERACTIONS))
+    if events.empty:
+        dropped = ", ".join(
+            f"{reason} {n}" for reason, n in sorted(skipped.items()) if reason != "text_truncated"
+        )
+        raise DataError(
+            f"domain {log.domain!r}: no interactions left to train on: "
+            f"{len(log.events)} interactions read"
+            f"{f' (skipped or dropped by reason: {dropped})' if dropped else ''}; "
+            f"{before} had an item with text; after {k}-core with >= "
+            f"{max(k, MIN_USER_INTERACTIONS)} items per user: 0 users, 0 items, 0 interactions"
+        )
     logger.info(
         "%s: %d-core and >=%d items per user dropped %d of %d interactions",
         log.domain,

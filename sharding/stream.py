@@ -12,6 +12,7 @@ filler)::
 
     items      (B, T) int64   global item indexes, right-padded with 0, T = longest row
     lengths    (B,)   int64   items per row; 0 = filler row
+    first_query (B,)  int64   input positions >= this are queries (0 for filler)
     sample_id  (B,)   int64   stable id of the sample (-1 for filler)
     domain_id  (B,)   int64   domain of the sample (-1 for filler)
 """
@@ -38,20 +39,31 @@ class ShardSpec:
 
 
 def pad_batch(rows: list[dict], batch_size: int) -> dict[str, torch.Tensor]:
-    """Collate decoded samples into a fixed-size padded batch (see module docstring)."""
-    # A filler batch (no rows) still has an input and a target column: the loss slices both.
+    """Collate decoded samples into a fixed-size padded batch (see module docstring).
+
+    An all-filler batch is 2 columns wide (one input, one target, both padding): the loss
+    still runs its collectives on it, with nothing to score.
+    """
     width = max((len(r["items"]) for r in rows), default=2)
     items = torch.zeros(batch_size, width, dtype=torch.long)
     lengths = torch.zeros(batch_size, dtype=torch.long)
+    first_query = torch.zeros(batch_size, dtype=torch.long)
     sample_id = torch.full((batch_size,), -1, dtype=torch.long)
     domain_id = torch.full((batch_size,), -1, dtype=torch.long)
     for i, row in enumerate(rows):
         seq = row["items"]
         items[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
         lengths[i] = len(seq)
+        first_query[i] = row["first_query"]
         sample_id[i] = row["sample_id"]
         domain_id[i] = row["domain_id"]
-    return {"items": items, "lengths": lengths, "sample_id": sample_id, "domain_id": domain_id}
+    return {
+        "items": items,
+        "lengths": lengths,
+        "first_query": first_query,
+        "sample_id": sample_id,
+        "domain_id": domain_id,
+    }
 
 
 class _RankShards(torch.utils.data.IterableDataset):
@@ -92,6 +104,13 @@ def _read_shards(shards: list[ShardSpec]) -> Iterator[dict]:
                 if spec.domains and sample["domain"] not in spec.domains:
                     continue
                 count += 1
+                sample = json.loads(raw["json"])
+                if "first_query" not in sample:
+                    raise DataError(
+                        f"sample {raw['__key__']!r} has no first_query (a version 1 shard)",
+                        file=spec.url,
+                        field="first_query",
+                    )
                 yield sample
         except DataError:
             raise

@@ -52,9 +52,16 @@ def _offline() -> bool:
 
 def _load_error(model: str, path: str, err: Exception) -> ConfigError:
     where = f" (looked at {path!r})" if path != model else ""
-    cache = " and not in the offline Hugging Face cache" if _offline() else ""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if _offline():
+        return ConfigError(
+            f"encoder.model: cannot load {model!r}{where}: not a local model folder and not in "
+            "the Hugging Face cache, and downloads are off (HF_HUB_OFFLINE=1); point "
+            "encoder.model at a local folder, or allow downloads with HF_HUB_OFFLINE=0 "
+            f"TRANSFORMERS_OFFLINE=0 ({reason})"
+        )
     return ConfigError(
-        f"encoder.model: cannot load {model!r}{where}: not a local model folder{cache} ({err})"
+        f"encoder.model: cannot load {model!r}{where}: not a local model folder ({reason})"
     )
 
 

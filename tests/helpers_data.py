@@ -18,9 +18,14 @@ TEST_ENCODER = {"name": "test-encoder", "dim": 8, "pooling": "cls", "max_length"
 
 
 def small_domain(
-    name: str, num_users: int, num_items: int, rng: np.random.Generator
+    name: str,
+    num_users: int,
+    num_items: int,
+    rng: np.random.Generator,
+    item_key: str = "{domain}-item-{i}",
 ) -> DomainSequences:
-    """Users with 3-12 items each, mostly stepping to the next item (with some jumps)."""
+    """Users with 3-12 items each, mostly stepping to the next item (with some jumps).
+    Item i (1-based) is keyed ``item_key.format(domain=name, i=i)``."""
     sequences = []
     for _ in range(num_users):
         length = int(rng.integers(3, 13))
@@ -29,7 +34,7 @@ def small_domain(
         sequences.append(((start + np.cumsum(steps)) % num_items + 1).astype(np.int64))
     return DomainSequences(
         name=name,
-        item_keys=[f"{name}-item-{i}" for i in range(1, num_items + 1)],
+        item_keys=[item_key.format(domain=name, i=i) for i in range(1, num_items + 1)],
         item_texts=[f"{name} item number {i}" for i in range(1, num_items + 1)],
         user_keys=[f"{name}-user-{u}" for u in range(num_users)],
         sequences=sequences,
@@ -46,13 +51,14 @@ def write_small_dataset(
     seed: int = 0,
     encoder_name: str = TEST_ENCODER["name"],
     pretrain_domains: tuple[str, ...] = (),
+    item_key: str = "{domain}-item-{i}",
     heldout_fraction: float = 0.0,
 ) -> Path:
     """Write a dataset directory of ``domains`` under ``root``; returns its path."""
     rng = np.random.default_rng(seed)
     encoded = [
         EncodedDomain(
-            sequences=small_domain(name, num_users, num_items, rng),
+            sequences=small_domain(name, num_users, num_items, rng, item_key),
             pretrain=name in pretrain_domains,
             vectors=(vectors := rng.standard_normal((num_items, dim)).astype(np.float32)),
             worddrop_vectors=vectors + 0.1 if name in pretrain_domains else None,

@@ -66,7 +66,7 @@ MUTATIONS = [
         "pretrain/model.py",
         (
             (
-                "return self.lin(self.dropout(x) - self.bias)",
+                "return out - self.lin(self.bias) if self.bias is not None else out",
                 "return self.lin(self.dropout(x - self.bias))",
             ),
         ),
@@ -102,7 +102,7 @@ MUTATIONS = [
         "exclude-history-noop",
         "exclude_history excludes nothing",
         "adaptors/evaluate.py",
-        (("exclude.scatter_(1, histories, True)", "pass"),),
+        (("histories=histories if exclude_history else None,", "histories=None,"),),
         ("tests/test_evaluate.py",),
     ),
 ]

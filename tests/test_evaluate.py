@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 from adaptors.evaluate import (
     EvalSplit,
+    Ranks,
     item_popularity,
     metrics_by_group,
     metrics_from_ranks,
@@ -32,20 +34,47 @@ SCORES = torch.tensor(
 TARGETS = torch.tensor([3, 1, 2])
 
 
-def test_rank_counts_items_scored_strictly_higher_and_ignores_padding_column():
-    assert rank_of_targets(SCORES, TARGETS).tolist() == [2, 0, 1]
+def test_rank_counts_items_scored_higher_and_tied_and_ignores_padding_column():
+    ranks = rank_of_targets(SCORES, TARGETS)
+    assert ranks.greater.tolist() == [2, 0, 1]
+    assert ranks.ties.tolist() == [0, 0, 2]  # user 2: items 1 and 3 tie with the target
+    assert ranks.expected.tolist() == [2.0, 0.0, 2.0]
 
 
-def test_ties_with_the_target_count_in_its_favour():
+def test_ties_with_the_target_count_as_half_a_place_each():
     tied = torch.tensor([[0.0, 0.5, 0.5, 0.5]])
-    assert rank_of_targets(tied, torch.tensor([3])).tolist() == [0]
+    ranks = rank_of_targets(tied, torch.tensor([3]))
+    assert (ranks.greater.tolist(), ranks.ties.tolist()) == ([0], [2])
+    assert ranks.expected.tolist() == [1.0]
 
 
 def test_excluded_items_do_not_count_but_the_target_is_still_ranked():
     exclude = torch.zeros_like(SCORES, dtype=torch.bool)
     exclude[0, [2, 3]] = True  # user 0's history holds item 2 and the target itself
-    exclude[2, 5] = True
-    assert rank_of_targets(SCORES, TARGETS, exclude).tolist() == [1, 0, 0]
+    exclude[2, [1, 5]] = True
+    ranks = rank_of_targets(SCORES, TARGETS, exclude)
+    assert ranks.greater.tolist() == [1, 0, 0]
+    assert ranks.ties.tolist() == [0, 0, 1]
+
+
+def _metrics_over_all_tie_orders(greater: int, ties: int, k: int) -> tuple[float, float]:
+    """Reference: average recall/ndcg over every order of the target and its tied items."""
+    recalls, gains = [], []
+    for order in itertools.permutations(range(ties + 1)):
+        position = greater + order.index(0)  # item 0 of the tied group is the target
+        recalls.append(float(position < k))
+        gains.append(1 / math.log2(position + 2) if position < k else 0.0)
+    return sum(recalls) / len(recalls), sum(gains) / len(gains)
+
+
+@pytest.mark.parametrize(
+    "greater,ties", [(0, 0), (0, 3), (2, 4), (7, 5), (9, 0), (9, 2), (10, 1), (12, 3)]
+)
+def test_tied_metrics_are_the_exact_expectation_over_random_tie_orders(greater, ties):
+    metrics = metrics_from_ranks(Ranks(torch.tensor([greater]), torch.tensor([ties])), [10])
+    recall, ndcg = _metrics_over_all_tie_orders(greater, ties, 10)
+    assert metrics["recall@10"] == pytest.approx(recall)
+    assert metrics["ndcg@10"] == pytest.approx(ndcg)
 
 
 def test_metrics_match_hand_computed_recall_and_ndcg():
@@ -78,6 +107,14 @@ def test_popularity_groups_split_items_evenly_least_popular_first():
     assert groups[1:].tolist() == [1, 0, 2, 0, 1, 2]
 
 
+def test_metrics_by_group_uses_tied_ranks():
+    counts = np.array([0, 5, 1, 9, 1, 3, 7])
+    groups = popularity_groups(counts, 3)
+    ranks = Ranks(torch.tensor([0, 0]), torch.tensor([1, 0]))  # first target tied with one
+    report = metrics_by_group(ranks, torch.tensor([2, 4]), groups, counts, k=1)
+    assert report[0]["recall@1"] == pytest.approx((0.5 + 1.0) / 2)
+
+
 def test_metrics_by_group_counts_targets_per_group():
     counts = np.array([0, 5, 1, 9, 1, 3, 7])
     groups = popularity_groups(counts, 3)
@@ -105,35 +142,80 @@ def _tiny_unisrec() -> UniSRec:
     return UniSRec(cfg, text_dim=4).eval()
 
 
+def _reference_ranks(model, table, frame, exclude_history=False):
+    """Each user alone, all items at once: (greater, ties) by direct comparison; items with
+    the same text as the target tie with it (a text-only model cannot tell them apart)."""
+    n = table.shape[0] - 1
+    with torch.no_grad():
+        items = model.item_vectors(table[1:], torch.arange(1, n + 1))
+        out = []
+        for history, target in zip(frame["history"], frame["target"], strict=True):
+            seq = model(torch.tensor([history]), table).outputs[0, -1]
+            scores = model.score(seq, items, 0.07)  # (N,)
+            others = torch.ones(n, dtype=torch.bool)
+            others[target - 1] = False
+            if exclude_history:
+                others[[i - 1 for i in history if i != target]] = False
+            target_score = scores[target - 1]
+            twin = (table[1:] == table[target]).all(dim=1)
+            out.append(
+                (
+                    int(((scores > target_score) & others & ~twin).sum()),
+                    int((((scores == target_score) | twin) & others).sum()),
+                )
+            )
+    return out
+
+
 def test_rank_split_matches_scoring_each_user_alone_with_cosine_logits():
     model = _tiny_unisrec()
     table = F.pad(torch.randn(12, 4), (0, 0, 1, 0))  # 12 items + padding row
+    table[9] = table[3]  # items 3 and 9 have the same text: user 2 and 0's targets tie
     frame = pd.DataFrame(
-        {"user": [0, 1, 2], "history": [[1, 2, 3], [4], [5, 6, 7, 8]], "target": [4, 9, 2]}
+        {"user": [0, 1, 2], "history": [[1, 2, 3], [4], [5, 6, 7, 8]], "target": [9, 4, 3]}
     )
     split = EvalSplit.from_frame(frame, max_seq_len=5)
-    ranks = rank_split(model, split, table, temperature=0.07, batch_size=2)
-
-    with torch.no_grad():
-        items = F.normalize(model.item_vectors(table[1:], torch.arange(1, 13)), dim=-1)
-        for user, (history, target) in enumerate(
-            zip(frame["history"], frame["target"], strict=True)
-        ):
-            seq = model(torch.tensor([history]), table).outputs[0, -1]
-            scores = items @ F.normalize(seq, dim=0)
-            assert ranks[user] == int((scores > scores[target - 1]).sum())
+    expected = _reference_ranks(model, table, frame)
+    for batch_size, item_block in [(2, 5), (1, 1), (3, 12), (256, 16384)]:
+        ranks = rank_split(
+            model, split, table, temperature=0.07, batch_size=batch_size, item_block=item_block
+        )
+        assert list(zip(ranks.greater.tolist(), ranks.ties.tolist(), strict=True)) == expected
+    assert expected[0][1] >= 1 and expected[2][1] >= 1  # the duplicate text is a tie
 
 
-def test_rank_split_excluding_history_never_ranks_worse():
+def test_a_model_scoring_every_item_equal_ranks_targets_in_the_middle():
+    """Regression: ties once counted in the target's favour, so this model looked perfect."""
+    model = _tiny_unisrec()
+    table = F.pad(torch.ones(40, 4), (0, 0, 1, 0))  # every item has the same text
+    frame = pd.DataFrame({"user": [0, 1], "history": [[1, 2], [5]], "target": [3, 40]})
+    ranks = rank_split(model, EvalSplit.from_frame(frame, 5), table, temperature=0.07)
+    assert ranks.expected.tolist() == [19.5, 19.5]
+    metrics = metrics_from_ranks(ranks, [10])
+    assert metrics["recall@10"] == pytest.approx(10 / 40)
+    assert metrics["ndcg@10"] == pytest.approx(sum(1 / math.log2(p + 2) for p in range(10)) / 40)
+
+
+def test_rank_split_excluding_history_drops_exactly_the_history_items():
     model = _tiny_unisrec()
     table = F.pad(torch.randn(12, 4), (0, 0, 1, 0))
-    frame = pd.DataFrame({"user": [0, 1], "history": [[1, 2, 3, 4, 5], [6, 7]], "target": [3, 8]})
+    frame = pd.DataFrame(
+        {"user": [0, 1, 2], "history": [[1, 2, 3, 4, 5], [6, 7], [9, 10, 11]], "target": [3, 8, 12]}
+    )
     split = EvalSplit.from_frame(frame, max_seq_len=5)
     plain = rank_split(model, split, table, temperature=0.07)
-    excluded = rank_split(model, split, table, temperature=0.07, exclude_history=True)
-    assert (excluded <= plain).all()
-    # user 0's target repeats a history item and is still ranked, against 12 - 4 others
-    assert excluded[0] <= 12 - 5
+    for item_block in (4, 16384):
+        excluded = rank_split(
+            model, split, table, temperature=0.07, exclude_history=True, item_block=item_block
+        )
+        reference = _reference_ranks(model, table, frame, exclude_history=True)
+        assert list(zip(excluded.greater.tolist(), excluded.ties.tolist(), strict=True)) == (
+            reference
+        )
+    assert (excluded.greater <= plain.greater).all()
+    assert (excluded.greater < plain.greater).any()  # the data exercises the exclusion
+    # user 0's target repeats a history item and is still ranked, against 12 - 5 others
+    assert excluded.greater[0] + excluded.ties[0] <= 12 - 5
 
 
 def test_sasrec_is_ranked_by_dot_product_of_its_id_embeddings():
@@ -144,4 +226,4 @@ def test_sasrec_is_ranked_by_dot_product_of_its_id_embeddings():
     with torch.no_grad():
         seq = model(torch.tensor([[1, 2]]), None).outputs[0, -1]
         scores = model.item_ids.weight[1:] @ seq
-    assert ranks.tolist() == [int((scores > scores[2]).sum())]
+    assert ranks.greater.tolist() == [int((scores > scores[2]).sum())]

@@ -85,21 +85,21 @@ def test_seq_item_loss_rejects_target_missing_from_keys():
         )
 
 
-def test_seq_seq_loss_uses_other_views_as_negatives_and_skips_filler_rows():
+def test_seq_seq_loss_uses_other_views_as_negatives_but_not_its_windows_other_prefixes():
     seq = [[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]
     aug = [[0.8, 0.6], [0.6, 0.8], [-1.0, 0.0]]
-    valid = [True, True, False]
+    window = [7, 7, 3]  # prefixes 0 and 1 come from one window
     tau = 0.2
 
     expected = 0.0
-    for i in (0, 1):  # row 2 is filler: not a query, and its view is not a key
-        logits = [cosine(seq[i], aug[j]) / tau for j in (0, 1)]
-        expected += cross_entropy(logits, i)
+    for i, keys in ((0, (0, 2)), (1, (1, 2)), (2, (0, 1, 2))):
+        logits = [cosine(seq[i], aug[j]) / tau for j in keys]
+        expected += cross_entropy(logits, keys.index(i))
 
     loss, count = seq_seq_loss(
-        torch.tensor(seq), torch.tensor(aug), torch.tensor(valid), tau, SINGLE
+        torch.tensor(seq), torch.tensor(aug), torch.tensor(window), tau, SINGLE
     )
-    assert count == 2
+    assert count == 3
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -151,6 +151,7 @@ def test_filler_rows_change_nothing(model, tables):
 def test_naive_and_efficient_formulations_agree(model, tables, item_drop_prob):
     table, dropped = tables
     batch = make_batch([[3, 5, 3, 5, 8, 1, 2], [7, 5, 2], [], [4, 6]])
+    batch["first_query"] = torch.tensor([2, 0, 0, 0])  # row 0's first two are history only
     loss = LossConfig(lam=0.5, temperature=0.07, item_drop_batch_prob=item_drop_prob)
     results = []
     for loss_fn in (pretrain_loss, naive_pretrain_loss):
@@ -164,11 +165,100 @@ def test_naive_and_efficient_formulations_agree(model, tables, item_drop_prob):
         results.append((out, grads))
     (fast, fast_grads), (naive, naive_grads) = results
 
-    assert fast["queries"] == naive["queries"] == 6 + 2 + 1
+    assert fast["queries"] == naive["queries"] == 4 + 2 + 1
     assert fast["seq_item"] == pytest.approx(naive["seq_item"], rel=1e-5)
     assert fast["seq_seq"] == pytest.approx(naive["seq_seq"], rel=1e-5)
     for a, b in zip(fast_grads, naive_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("item_drop_prob", [1.0, 0.0], ids=["item-drop", "word-drop"])
+def test_seq_seq_loss_treats_every_query_prefix_as_if_augmented_on_its_own(
+    model, tables, item_drop_prob
+):
+    """Reference: every query prefix is encoded alone; its view is that prefix with the
+    batch's (fixed) keep / word-drop decisions for its positions, also encoded alone. Keys are
+    all query prefixes' views except the other prefixes of the same window."""
+    table, dropped = tables
+    rows = [[3, 5, 3, 5, 8, 1, 2], [7, 5, 2], [], [4, 6, 9, 10, 11]]
+    first_query = [0, 0, 0, 3]  # row 3 is a later window: only its last prefix is a query
+    batch = make_batch(rows, [20, 21, 22, 23])
+    batch["first_query"] = torch.tensor(first_query)
+    cfg = LossConfig(lam=1.0, temperature=0.1, item_drop_batch_prob=item_drop_prob)
+    out = pretrain_loss(model, batch, table, dropped, cfg, step=2, seed=7, gather=SINGLE)
+
+    input_lengths = torch.tensor([max(len(r) - 1, 0) for r in rows])
+    _, _, use_worddrop, keep = augment(
+        batch["items"][:, :-1], input_lengths, batch["sample_id"], step=2, seed=7,
+        item_drop_prob=item_drop_prob,
+    )  # fmt: skip
+    queries, views, windows = [], [], []
+    with torch.no_grad():
+        for r, row in enumerate(rows):
+            for t in range(first_query[r], len(row) - 1):
+                prefix = row[: t + 1]
+                queries.append(model(torch.tensor([prefix]), table).outputs[0, -1].tolist())
+                if item_drop_prob == 1.0:
+                    kept = [x for j, x in enumerate(prefix) if keep[r, j]]
+                    view = model(torch.tensor([kept]), table).outputs[0, -1]
+                else:
+                    mask = use_worddrop[r : r + 1, : t + 1]
+                    view = model(torch.tensor([prefix]), table, dropped, mask).outputs[0, -1]
+                views.append(view.tolist())
+                windows.append(r)
+    expected = 0.0
+    for i, q in enumerate(queries):
+        keys = [j for j in range(len(views)) if j == i or windows[j] != windows[i]]
+        logits = [cosine(q, views[j]) / 0.1 for j in keys]
+        expected += cross_entropy(logits, keys.index(i))
+
+    assert out["queries"] == len(queries) == 6 + 2 + 1
+    assert out["seq_seq"] == pytest.approx(expected / len(queries), rel=1e-5)
+
+
+# ---- ablation switches: loss.seq_item / loss.seq_seq ------------------------------------
+
+
+def losses_and_grads(model, tables, loss: LossConfig) -> tuple[dict, list[torch.Tensor]]:
+    table, dropped = tables
+    batch = make_batch([[3, 5, 3, 5, 8, 1, 2], [7, 5, 2], [], [4, 6]])
+    model.zero_grad()
+    out = pretrain_loss(model, batch, table, dropped, loss, step=1, seed=5, gather=SINGLE)
+    out["loss"].backward()
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+    return out, grads
+
+
+def test_without_seq_seq_the_loss_is_exactly_the_seq_item_term(model, tables):
+    both, _ = losses_and_grads(model, tables, LossConfig(lam=0.5))
+    only_si, grads = losses_and_grads(model, tables, LossConfig(lam=0.5, seq_seq=False))
+    _, lam0_grads = losses_and_grads(model, tables, LossConfig(lam=0.0))
+    assert only_si["seq_item"] == both["seq_item"]
+    assert only_si["loss"].item() == pytest.approx(only_si["seq_item"], rel=1e-7)
+    assert only_si["seq_seq"] == 0.0 and only_si["queries"] == both["queries"] == 9
+    for a, b in zip(grads, lam0_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("item_drop_prob", [1.0, 0.0], ids=["item-drop", "word-drop"])
+def test_without_seq_item_the_loss_is_exactly_the_seq_seq_term(model, tables, item_drop_prob):
+    on = dict(lam=0.5, item_drop_batch_prob=item_drop_prob)
+    both, _ = losses_and_grads(model, tables, LossConfig(**on))
+    only_ss, _ = losses_and_grads(model, tables, LossConfig(**on, seq_item=False))
+    assert only_ss["loss"].item() == pytest.approx(only_ss["seq_seq"], rel=1e-6)
+    assert only_ss["seq_seq"] == pytest.approx(both["seq_seq"], rel=1e-6)
+    assert only_ss["seq_item"] == 0.0 and only_ss["queries"] == 9
+
+
+def test_both_losses_off_is_a_config_error():
+    from pretrain.config import PretrainConfig
+    from unisrec.config import from_dict
+    from unisrec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="loss.seq_item, seq_seq"):
+        from_dict(PretrainConfig, {"loss": {"seq_item": False, "seq_seq": False}})
+    assert from_dict(PretrainConfig, {"loss": {"seq_seq": False}}).loss.seq_seq_weight == 0.0
+    assert from_dict(PretrainConfig, {"loss": {"seq_item": False}}).loss.seq_seq_weight == 1.0
 
 
 # ---- augmentation -------------------------------------------------------------------------
@@ -177,9 +267,10 @@ def test_naive_and_efficient_formulations_agree(model, tables, item_drop_prob):
 def test_item_drop_keeps_first_item_and_packs_survivors_left():
     items = torch.tensor([[11, 12, 13, 14, 15, 16, 0, 0]] * 64 + [[0] * 8])
     lengths = torch.tensor([6] * 64 + [0])
-    aug, aug_lengths, use_worddrop = augment(
+    aug, aug_lengths, use_worddrop, keep = augment(
         items, lengths, torch.arange(65), step=0, seed=0, item_drop_prob=1.0
     )
+    assert torch.equal(keep.sum(dim=1), aug_lengths)
     assert not use_worddrop.any()
     assert aug_lengths[-1] == 0 and not aug[-1].any()
     for row, n in zip(aug[:-1].tolist(), aug_lengths[:-1].tolist(), strict=True):
@@ -194,9 +285,10 @@ def test_item_drop_keeps_first_item_and_packs_survivors_left():
 def test_word_drop_marks_only_valid_positions_and_keeps_items():
     items = torch.tensor([[1, 2, 3, 4, 5, 0]] * 200)
     lengths = torch.tensor([5] * 200)
-    aug, aug_lengths, use_worddrop = augment(
+    aug, aug_lengths, use_worddrop, keep = augment(
         items, lengths, torch.arange(200), step=0, seed=0, item_drop_prob=0.0
     )
+    assert torch.equal(keep, items > 0)
     assert torch.equal(aug, items) and torch.equal(aug_lengths, lengths)
     assert not use_worddrop[:, 5].any()
     assert 0.15 < use_worddrop[:, :5].float().mean().item() < 0.25

@@ -92,3 +92,49 @@ def test_output_is_gate_weighted_sum_of_experts():
             expected[j] += g * sum((x[i].item() - b[i]) * w[j][i] for i in range(4))
 
     torch.testing.assert_close(adaptor(x), torch.tensor(expected))
+
+
+# ---- ablation switches (the paper's "w/o PW" and "w/o MoE") -------------------------------
+
+
+def test_without_whitening_an_expert_has_no_shift_and_computes_x_at_w():
+    layer = PWLayer(in_dim=3, out_dim=2, dropout=0.0, whitening=False)
+    assert [name for name, _ in layer.named_parameters()] == ["lin.weight"]
+    x = torch.tensor([[1.0, 2.0, -1.0]])
+    w = layer.lin.weight.detach()  # (out, in)
+    expected = [[sum(x[0, i].item() * w[o, i].item() for i in range(3)) for o in range(2)]]
+    torch.testing.assert_close(layer(x), torch.tensor(expected))
+
+
+def test_unisrec_config_whitening_false_builds_shiftless_experts():
+    from pretrain.model import BackboneConfig, UniSRec
+
+    cfg = BackboneConfig(hidden_size=8, num_heads=2, inner_size=8, num_experts=3, whitening=False)
+    names = [n for n, _ in UniSRec(cfg, text_dim=6).adaptor.named_parameters()]
+    assert not any(n.endswith(".bias") for n in names)
+    with_pw = UniSRec(BackboneConfig(hidden_size=8, num_heads=2, inner_size=8, num_experts=3), 6)
+    assert sum(n.endswith(".bias") for n, _ in with_pw.adaptor.named_parameters()) == 3
+
+
+def test_one_expert_has_no_gate_and_is_that_expert_even_in_training():
+    torch.manual_seed(0)
+    adaptor = MoEAdaptor(in_dim=6, out_dim=4, num_experts=1, dropout=0.0).train()
+    assert adaptor.w_gate is None and adaptor.w_noise is None
+    assert {n for n, _ in adaptor.named_parameters()} == {"experts.0.bias", "experts.0.lin.weight"}
+    with torch.no_grad():
+        adaptor.experts[0].bias.normal_()
+    x = torch.randn(5, 6)
+    expected = (x - adaptor.experts[0].bias) @ adaptor.experts[0].lin.weight.T
+    torch.testing.assert_close(adaptor(x), expected)
+    torch.testing.assert_close(adaptor.gates(x), torch.ones(5, 1))
+
+
+def test_zero_experts_is_a_config_error():
+    import pytest
+
+    from pretrain.model import BackboneConfig
+    from unisrec.config import from_dict
+    from unisrec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="num_experts"):
+        from_dict(BackboneConfig, {"num_experts": 0})

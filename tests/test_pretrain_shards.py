@@ -3,22 +3,50 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from pretrain.losses import next_item_targets
 from sharding.pretrain_shards import pretraining_samples, write_shards
+from sharding.stream import ShardSpec, ShardStream
 from sharding.windows import training_windows
 
 
-def test_windows_cover_every_transition_once_with_histories_capped():
-    seq = np.arange(1, 8)
-    windows = [w.tolist() for w in training_windows(seq, max_seq_len=3)]
-    assert windows == [[1, 2, 3, 4], [4, 5, 6, 7]]
-    transitions = [(w[i], w[i + 1]) for w in windows for i in range(len(w) - 1)]
-    assert transitions == [(i, i + 1) for i in range(1, 7)]
+def test_windows_make_every_target_a_query_once_with_the_last_max_seq_len_items():
+    windows = [(w.items.tolist(), w.first_query) for w in training_windows(np.arange(1, 8), 3)]
+    assert windows == [([1, 2, 3, 4], 0), ([2, 3, 4, 5], 2), ([3, 4, 5, 6], 2), ([4, 5, 6, 7], 2)]
 
 
 def test_short_sequences_give_one_window_and_single_items_none():
-    assert [w.tolist() for w in training_windows(np.array([5, 6]), 50)] == [[5, 6]]
+    assert [w.items.tolist() for w in training_windows(np.array([5, 6]), 50)] == [[5, 6]]
     assert list(training_windows(np.array([5]), 50)) == []
+
+
+@pytest.mark.parametrize("max_seq_len", [1, 7, 50])
+def test_shard_samples_query_every_target_once_with_exactly_its_history(tmp_path, max_seq_len):
+    """Property over random lengths 2..300, read back through shards, stream and loss masks.
+
+    Item ``1000 * user + t + 1`` is user's t-th item, so a query's target names (user, t).
+    """
+    rng = np.random.default_rng(max_seq_len)
+    lengths = [2, 300, max_seq_len + 1, max_seq_len + 2, *rng.integers(2, 301, size=12)]
+    sequences = [1000 * u + np.arange(n) + 1 for u, n in enumerate(lengths)]
+    samples = pretraining_samples([("d", 0, 0, sequences)], max_seq_len)
+    records = write_shards(samples, tmp_path, num_shards=3, seed=0)
+    stream = ShardStream(
+        [ShardSpec(str(tmp_path / r["name"]), r["num_samples"]) for r in records], 64
+    )
+
+    seen: dict[tuple[int, int], list[int]] = {}
+    for batch in stream.epoch(0):
+        _, inputs, targets, query_mask = next_item_targets(batch)
+        for row, j in query_mask.nonzero().tolist():
+            user, t = divmod(int(targets[row, j]) - 1, 1000)
+            assert (user, t) not in seen, f"target {t} of user {user} queried twice"
+            seen[user, t] = inputs[row, : j + 1].tolist()
+    for user, seq in enumerate(sequences):
+        for t in range(1, len(seq)):
+            assert seen.pop((user, t)) == seq[max(0, t - max_seq_len) : t].tolist()
+    assert not seen
 
 
 def test_samples_use_global_indexes():

@@ -105,10 +105,12 @@ def test_transductive_item_vectors_add_the_id_embedding():
 @pytest.mark.parametrize("num_items", [0, NUM_ITEMS])
 def test_encoder_and_tuned_parameters_split_the_model(num_items):
     model = UniSRec(small_config(), TEXT_DIM, num_items=num_items)
-    backbone = {id(p) for p in model.encoder.parameters()}
-    adaptor = {id(p) for p in model.tuned_parameters()}
-    assert not backbone & adaptor
-    assert backbone | adaptor == {id(p) for p in model.parameters()}
-    assert id(model.encoder.position.weight) in backbone
+    input_norm = {id(p) for p in model.encoder.norm.parameters()}
+    frozen = {id(p) for p in model.encoder.parameters()} - input_norm
+    tuned = {id(p) for p in model.tuned_parameters()}
+    assert not frozen & tuned
+    assert frozen | tuned == {id(p) for p in model.parameters()}
+    assert id(model.encoder.position.weight) in frozen
+    assert input_norm <= tuned, "the input LayerNorm trains with the adaptor (official code)"
     if num_items:
-        assert id(model.item_ids.weight) in adaptor
+        assert id(model.item_ids.weight) in tuned

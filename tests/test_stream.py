@@ -66,6 +66,7 @@ def test_batches_are_padded_to_fixed_rows_and_hold_the_written_items(tmp_path):
                 continue
             sample = by_id[int(batch["sample_id"][row])]
             assert batch["items"][row, :n].tolist() == sample.items
+            assert batch["first_query"][row] == sample.first_query
             assert torch.all(batch["items"][row, n:] == 0)
 
 
@@ -115,6 +116,16 @@ def test_shard_with_fewer_samples_than_the_manifest_is_an_error(tmp_path):
     with pytest.raises(DataError, match="manifest says"):
         for rank in range(1):
             _read(wrong, rank, 1, 0, epoch=0)
+
+
+def test_version_1_sample_without_first_query_is_an_error_naming_shard_and_field(tmp_path):
+    import webdataset as wds
+
+    path = tmp_path / "pretrain-000000.tar"
+    with wds.TarWriter(str(path)) as sink:
+        sink.write({"__key__": "a-0-0", "json": {"items": [1, 2], "sample_id": 0, "domain_id": 0}})
+    with pytest.raises(DataError, match=r"pretrain-000000.tar: field 'first_query'"):
+        list(ShardStream([ShardSpec(str(path), 1)], 4).epoch(0))
 
 
 def test_a_rank_without_shards_yields_filler_batches_the_loss_can_slice(tmp_path):

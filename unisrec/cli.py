@@ -10,17 +10,27 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import yaml
 
 from unisrec.jobs import JOB_CONFIGS, config_class
-from unisrec.runtime import use_loopback
+from unisrec.runtime import VERBOSE_ENV, use_loopback
 
 
 def _guess_job(path: str) -> str:
-    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    from unisrec.errors import ConfigError
+
+    if not Path(path).is_file():
+        raise ConfigError(f"config file not found: {path} (`unisrec config init JOB` writes one)")
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
     if "domains" in raw:
         return "shard"
     if "tenant" in raw or "tenants" in raw or "mode" in raw:
@@ -65,6 +75,16 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+STARTER_JOBS = ("shard", "pretrain", "finetune")
+
+
+def cmd_config_init(args: argparse.Namespace) -> int:
+    from importlib.resources import files
+
+    print(files("unisrec").joinpath("starters", f"{args.job}.yaml").read_text("utf-8"), end="")
+    return 0
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from pretrain.job import run_pretrain
 
@@ -106,7 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         "sequence encoder with Ray Train + DeepSpeed, fine-tune per-tenant adaptors from the "
         "MLflow registry.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging, Ray's own progress messages and known library warnings",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -139,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_data_stats)
 
-    p = sub.add_parser("config", help="show resolved configurations")
+    p = sub.add_parser("config", help="starter configs and resolved configurations")
     cfg_sub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     s = cfg_sub.add_parser(
         "show",
@@ -152,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--job", choices=sorted(JOB_CONFIGS), help="config type (guessed from the keys if omitted)"
     )
     s.set_defaults(func=cmd_config_show)
+    s = cfg_sub.add_parser(
+        "init",
+        help="print a commented starter config for JOB (unisrec config init pretrain > my.yaml)",
+        description="Prints a starter config shipped with the package; every key it leaves out "
+        "has its default (`unisrec config show FILE` shows them all).",
+    )
+    s.add_argument("job", choices=STARTER_JOBS)
+    s.set_defaults(func=cmd_config_init)
 
     p = sub.add_parser(
         "pretrain",
@@ -214,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     use_loopback()  # before any command imports ray
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # read by Ray workers too (unisrec.runtime.ensure_ray)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

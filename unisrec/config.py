@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -23,6 +24,24 @@ import yaml
 from unisrec.errors import ConfigError
 
 T = TypeVar("T")
+
+
+def check_range(
+    key: str,
+    value: float,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+) -> None:
+    """Raise ConfigError naming ``key`` unless ``value`` is a finite number in ``[low, high]``
+    (``(low, high]`` with ``low_open``); ``None`` leaves that side open."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ConfigError(f"{key}: must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise ConfigError(f"{key}: must be <= {high}, got {value}")
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides=()) -> T:

@@ -327,8 +327,10 @@ def _plot_metrics(rows: list[dict], path: Path) -> Path:
 def _log_demo_run(tracking_uri: str, summary: dict, out: Path) -> None:
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment("unisrec-demo")
+    from unisrec.tracking import configure_mlflow, set_experiment
+
+    configure_mlflow(tracking_uri)
+    set_experiment("unisrec-demo", tracking_uri)
     with mlflow.start_run(run_name="demo-report"):
         for row in summary["tenants"]:
             if not row["error"]:

@@ -21,6 +21,31 @@ LOOPBACK_ENV = {
 }
 
 
+VERBOSE_ENV = "UNISREC_VERBOSE"  # "1": Ray's chatter and known warnings are shown (`unisrec -v`)
+
+
+def verbose() -> bool:
+    """Whether this process (or the driver that started its Ray) asked for verbose output."""
+    return os.environ.get(VERBOSE_ENV, "") == "1"
+
+
+def quiet_train_worker() -> None:
+    """In a Ray Train worker, unless verbose: drop the per-report "Reporting training result"
+    line (logged under a file-path logger name, outside ``ray.train``'s level) and torch's
+    deprecation warning for the collective DeepSpeed's ZeRO calls."""
+    if verbose():
+        return
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor", category=FutureWarning)
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def use_loopback() -> None:
     """Keep a local Ray and its gloo groups on 127.0.0.1 (unless joining a cluster)."""
     if os.environ.get("RAY_ADDRESS"):
@@ -61,7 +86,9 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> bool:
         dashboard_host="127.0.0.1",
         dashboard_port=free_port(),
         _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": {k: os.environ[k] for k in LOOPBACK_ENV}},
+        runtime_env={
+            "env_vars": {k: os.environ[k] for k in (*LOOPBACK_ENV, VERBOSE_ENV) if k in os.environ}
+        },
         log_to_driver=True,
     )
     return True

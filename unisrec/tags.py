@@ -15,6 +15,10 @@ BACKBONE_MODEL = "unisrec-backbone"  # the pretraining job's default
 ADAPTOR_MODEL_PREFIX = "unisrec-adaptor-"  # + tenant name
 # MLflow reserves the alias "latest": models:/NAME@latest always means the highest version.
 LATEST = "latest"
+# Adaptor aliases: a fine-tune registers its version as the candidate; `unisrec promote`
+# moves production, which is what `unisrec serve` serves.
+CANDIDATE = "candidate"
+PRODUCTION = "production"
 
 # Tags on a model version (and, for KIND and TENANT, on the registered model).
 KIND = "unisrec.kind"  # backbone | adaptor (on runs: pretrain | finetune)
@@ -30,6 +34,13 @@ BACKBONE_RUN_ID = "unisrec.backbone_run_id"
 DOMAIN = "unisrec.domain"
 MODE = "unisrec.mode"
 BASELINE = "unisrec.baseline"
+# Set on an adaptor version by `unisrec promote` (who, when, which version it replaced).
+PROMOTED_BY = "unisrec.promoted_by"
+PROMOTED_AT = "unisrec.promoted_at"  # ISO 8601, UTC
+PROMOTED_FROM = "unisrec.promoted_from"  # the production version before, or "none"
+# Set on a version made by `unisrec catalogue add`: same weights, a longer catalogue.
+EXTENDS_VERSION = "unisrec.extends_version"
+ADDED_ITEMS = "unisrec.added_items"
 # On a backbone version: the checkpoint it is (lowest held-out pretraining loss, or the last).
 CHECKPOINT_STEP = "unisrec.checkpoint_step"
 CHECKPOINT_EPOCH = "unisrec.checkpoint_epoch"  # epochs completed at that step (fractional)
@@ -55,3 +66,21 @@ def validate_tenant_name(name: str) -> str:
 def adaptor_model_name(tenant: str) -> str:
     """The registered model a tenant's adaptor goes to by default."""
     return ADAPTOR_MODEL_PREFIX + validate_tenant_name(tenant)
+
+
+def validate_model_name(name: str, tenant: str) -> str:
+    """Return ``name`` if ``tenant`` may register it, else raise ConfigError.
+
+    A tenant's names are ``unisrec-adaptor-<tenant>`` and ``unisrec-adaptor-<tenant>.<variant>``
+    (variant: a-z, 0-9, '_', '-'). The '.' cannot occur in a tenant name, so no tenant's
+    variant is another tenant's name; everything else (other tenants', the backbone's) is
+    reserved.
+    """
+    own = adaptor_model_name(tenant)
+    variant = name[len(own) + 1 :] if name.startswith(f"{own}.") else None
+    if name != own and not (variant and TENANT_PATTERN.fullmatch(variant)):
+        raise ConfigError(
+            f"mlflow.registered_model: {name!r} is not a name tenant {tenant!r} may register; "
+            f"use {own!r} or {own + '.<variant>'!r} (other names are other tenants' or reserved)"
+        )
+    return name

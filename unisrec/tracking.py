@@ -10,9 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from unisrec.config import flatten, to_dict
+from unisrec.errors import ConfigError
 
 # MLflow's file store (./mlruns) refuses to start in MLflow 3: the embedded default is sqlite.
 DEFAULT_STORE = "mlflow.db"
+PROBE_TIMEOUT_S = 5.0  # MLflow's own client retries for minutes before it gives up
+
+
+class TrackingServerError(ConfigError):
+    """The tracking URI names a server that does not answer (down, or the wrong URI)."""
 
 
 def resolve_tracking_uri(uri: str = "") -> str:
@@ -32,13 +38,101 @@ def resolve_tracking_uri(uri: str = "") -> str:
 
 
 def configure_mlflow(uri: str = "") -> str:
-    """Point this process's MLflow client at the store; returns the resolved URI."""
+    """Point this process's MLflow client at the store; returns the resolved URI.
+
+    A tracking server is probed once first, so a server that is down fails in seconds with
+    :class:`TrackingServerError` instead of after MLflow's minutes of retries.
+    """
     import mlflow
 
     resolved = resolve_tracking_uri(uri)
+    probe_tracking_server(resolved)
+    init_sqlite_store(resolved)
     mlflow.set_tracking_uri(resolved)
     mlflow.set_registry_uri(resolved)
     return resolved
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for other stores and in-memory ones)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where experiments on a local sqlite store keep their artifacts: ``mlartifacts/`` beside
+    the database, so a store's directory holds its runs and their files together. None for a
+    tracking server (the server decides)."""
+    path = sqlite_path(uri)
+    return str(path.parent / "mlartifacts") if path else None
+
+
+def init_sqlite_store(uri: str) -> None:
+    """Create or migrate a local sqlite store under an exclusive lock (``<db>.lock``).
+
+    MLflow creates the tables on first use without a lock: two processes doing so at once
+    race in its migration and leave the store unusable. Here the first one creates it and the
+    others wait, then find it ready. The store's default experiment keeps its artifacts in
+    :func:`artifact_root` too.
+    """
+    import fcntl
+
+    path = sqlite_path(uri)
+    if path is None:
+        return
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f"{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        TrackingStore(uri, artifact_root(uri))
+        RegistryStore(uri)
+
+
+def set_experiment(name: str, uri: str = "") -> str:
+    """``mlflow.set_experiment(name)``; on a local store a new experiment is created with its
+    artifacts under :func:`artifact_root` rather than in ``$PWD/mlruns``. Returns its id."""
+    import re
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(uri or mlflow.get_tracking_uri())
+    root = artifact_root(uri)
+    client = MlflowClient(uri)
+    if root and client.get_experiment_by_name(name) is None:
+        folder = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+        try:
+            client.create_experiment(name, artifact_location=str(Path(root) / folder))
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":  # else another process was first
+                raise
+    return mlflow.set_experiment(name).experiment_id
+
+
+def probe_tracking_server(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Raise TrackingServerError unless the http(s) server at ``uri`` answers within
+    ``timeout_s``; any HTTP answer counts (an auth error still means it is up). Other URIs
+    (sqlite, databricks, ...) are not probed."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingServerError(
+            f"cannot reach the MLflow tracking server at {uri} ({reason}); start it, or point "
+            "mlflow.tracking_uri / $MLFLOW_TRACKING_URI at one that runs"
+        ) from None
 
 
 def config_params(cfg: Any) -> dict[str, str]:
@@ -51,6 +145,14 @@ def config_params(cfg: Any) -> dict[str, str]:
 
 def config_hash(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pinned_requirements(packages: tuple[str, ...]) -> list[str]:
+    """``name==version`` of each installed distribution in ``packages`` (a local version
+    label such as ``+cpu`` dropped, so the pin names a release an index has)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in packages]
 
 
 def git_commit() -> str:

@@ -160,6 +160,9 @@ def _columns_present(
 def _csv_rows(
     path: Path, required: Sequence[str], optional: Sequence[str], delimiter: str
 ) -> Iterator[tuple[int, Row]]:
+    # The csv module refuses fields over 131,072 characters; a long item description is read
+    # whole and cut to processing.max_text_chars later (and counted there).
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     reader = csv.reader((line for _, line in text_lines(path, keep_ends=True)), delimiter=delimiter)
     try:
         header = [name.strip() for name in next(reader, [])]

@@ -1,0 +1,125 @@
+"""Full-ranking evaluation as the catalogue grows: time and peak memory at 4k, 100k and 1M
+synthetic items, users and items scored in blocks (adaptors/evaluate.py).
+
+    python benchmarks/bench_eval_scaling.py                      # 4,385 / 100k / 1M items
+    python benchmarks/bench_eval_scaling.py --items 4385 100000 --users 512
+
+Each size runs in its own process (so peak RSS is that size's alone) on random 384-d text
+vectors, a 300-d UniSRec in eval mode and ``--users`` users with random 10-item histories.
+It reports the adaptor pass over the catalogue and the ranking separately, and memory as
+``peak RSS - RSS once the inputs exist`` (the working memory evaluation adds on top of the
+text table and item vectors, which any method must hold). ``--unblocked`` adds, for sizes up
+to 100k, the same ranking with one item block as large as the catalogue and 1,024 users at
+once (how evaluation worked before: memory grows with users x items).
+Writes benchmarks/results/eval_scaling.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def one_size(items: int, users: int, batch_size: int, item_block: int, threads: int) -> dict:
+    import psutil
+    import torch
+
+    from adaptors.evaluate import (
+        EvalSplit,
+        catalogue_vectors_in_blocks,
+        metrics_from_ranks,
+        rank_split,
+    )
+    from pretrain.model import BackboneConfig, UniSRec
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = UniSRec(BackboneConfig(), text_dim=384).eval()
+    table = torch.randn(items + 1, 384)
+    table[0] = 0
+    histories = torch.randint(1, items + 1, (users, 10))
+    split = EvalSplit(histories, torch.full((users,), 10), torch.randint(1, items + 1, (users,)))
+    process = psutil.Process()
+    inputs_rss = process.memory_info().rss
+
+    started = time.perf_counter()
+    vectors = catalogue_vectors_in_blocks(model, table, min(item_block, 16384))
+    adaptor_seconds = time.perf_counter() - started
+    del vectors
+    started = time.perf_counter()
+    ranks = rank_split(
+        model, split, table, temperature=0.07, batch_size=batch_size, item_block=item_block
+    )
+    total_seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "items": items,
+        "users": users,
+        "batch_size": batch_size,
+        "item_block": item_block,
+        "adaptor_seconds": round(adaptor_seconds, 2),
+        "ranking_seconds": round(total_seconds - adaptor_seconds, 2),  # encode + score + count
+        "total_seconds": round(total_seconds, 2),
+        "users_per_s": round(users / (total_seconds - adaptor_seconds), 1),
+        "item_user_pairs_per_s": round(items * users / (total_seconds - adaptor_seconds)),
+        "inputs_rss_gib": round(inputs_rss / 2**30, 3),
+        "peak_rss_gib": round(peak / 2**30, 3),
+        "working_memory_gib": round((peak - inputs_rss) / 2**30, 3),
+        "recall@10": metrics_from_ranks(ranks, [10])["recall@10"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--items", type=int, nargs="+", default=[4385, 100_000, 1_000_000])
+    parser.add_argument("--users", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=256, help="users per block")
+    parser.add_argument("--item-block", type=int, default=16384, help="items per block")
+    parser.add_argument("--unblocked", action="store_true", help="also one block, 1,024 users")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--one", type=json.loads, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/eval_scaling.json")
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one_size(**args.one)))
+        return
+
+    def run(items: int, batch_size: int, item_block: int) -> dict:
+        spec = dict(items=items, users=args.users, batch_size=batch_size)
+        spec.update(item_block=item_block, threads=args.threads)
+        child = subprocess.run(
+            [sys.executable, __file__, "--one", json.dumps(spec)],
+            check=True,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        row = json.loads(child.stdout.strip().splitlines()[-1])
+        print(json.dumps(row))
+        return row
+
+    rows = []
+    for items in args.items:
+        rows.append({"method": "blocked", **run(items, args.batch_size, args.item_block)})
+        if args.unblocked and items <= 100_000:
+            rows.append({"method": "one block", **run(items, 1024, items)})
+    result = {
+        "rows": rows,
+        "threads": args.threads,
+        "cpu_count": os.cpu_count(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

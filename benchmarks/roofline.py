@@ -1,0 +1,102 @@
+"""Roofline accounting for the benchmarks: what matrix products a run did, and how fast this
+machine does those same products alone.
+
+    recorder = ShapeRecorder(model)             # hooks: adaptor rows, encoder (b, t), scores
+    ... train an epoch ...
+    gemms = recorder.gemms(training=True, backward=True)
+    peak = gemm_seconds(gemms)                  # plain fp32 torch.mm of every shape, timed now
+    roofline_fraction = peak / measured_seconds # = achieved FLOP/s over the matmul peak
+
+The peak is measured in the same run, shape by shape, so a small product's lower speed counts
+against the peak, not against the run; on a shared machine both sides see the same load.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import torch
+
+from pretrain.flops import Gemm, adaptor_gemms, encoder_gemms, score_gemms
+from pretrain.model import SequenceRecommender
+
+
+class ShapeRecorder:
+    """Records, while attached, the shapes a :class:`SequenceRecommender` computes on: rows
+    through the adaptor (per call), ``(b, t)`` through the encoder, ``(p, n)`` scored."""
+
+    def __init__(self, model: SequenceRecommender):
+        self.model = model
+        self.adaptor: list[int] = []
+        self.encoder: list[tuple[int, int]] = []
+        self.scores: list[tuple[int, int]] = []
+        self._hooks = [
+            model.encoder.register_forward_hook(self._on_encoder),
+        ]
+        adaptor = getattr(model, "adaptor", None)
+        if adaptor is not None:
+            self._hooks.append(adaptor.register_forward_hook(self._on_adaptor))
+        self._score = model.score
+        model.score = self._on_score  # instance attribute shadows the method
+
+    def _on_adaptor(self, module, inputs, output) -> None:
+        self.adaptor.append(inputs[0].reshape(-1, inputs[0].shape[-1]).shape[0])
+
+    def _on_encoder(self, module, inputs, output) -> None:
+        self.encoder.append(tuple(inputs[0].shape[:2]))
+
+    def _on_score(self, queries, vectors, temperature):
+        self.scores.append((queries.reshape(-1, queries.shape[-1]).shape[0], vectors.shape[0]))
+        return self._score(queries, vectors, temperature)
+
+    def clear(self) -> None:
+        self.adaptor.clear()
+        self.encoder.clear()
+        self.scores.clear()
+
+    def detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        del self.model.score
+
+    def gemms(self, *, training: bool, backward: bool, text_dim: int) -> list[Gemm]:
+        cfg = self.model.cfg
+        out: list[Gemm] = []
+        for n in self.adaptor:
+            out += adaptor_gemms(n, text_dim, cfg, training=training, backward=backward)
+        for b, t in self.encoder:
+            out += encoder_gemms(b, t, cfg, backward=backward)
+        for p, n in self.scores:
+            out += score_gemms(p, n, cfg.hidden_size, backward=backward)
+        return out
+
+
+def gemm_seconds(gemms: list[Gemm], repeats: int = 5, device: str = "cpu") -> float:
+    """Seconds plain fp32 ``torch.mm`` takes for all ``gemms`` here and now: each distinct
+    shape timed ``repeats`` times after a warm-up, the median kept (on a shared machine the
+    fastest would be a lucky moment the measured run did not get), times its count."""
+    counts: Counter[tuple[int, int, int]] = Counter()
+    for gemm in gemms:
+        counts[(gemm.m, gemm.k, gemm.n)] += gemm.count
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
+    total = 0.0
+    for (m, k, n), count in counts.items():
+        a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+        out = torch.empty(m, n, device=device)
+        torch.mm(a, b, out=out)
+        times = []
+        for _ in range(repeats):
+            sync()
+            started = time.perf_counter()
+            torch.mm(a, b, out=out)
+            sync()
+            times.append(time.perf_counter() - started)
+        total += sorted(times)[len(times) // 2] * count
+    return total
+
+
+def square_gemm_gflops(size: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """GFLOP/s of one large square fp32 product: the machine's plain matmul rate."""
+    seconds = gemm_seconds([Gemm(size, size, size)], repeats, device)
+    return 2 * size**3 / seconds / 1e9
