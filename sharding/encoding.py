@@ -75,7 +75,9 @@ def encode_texts(
     Returns ``(N, dim) float32`` vectors in input order and the ``EncoderInfo`` naming the
     encoder. The model is loaded only when some text is not cached.
     """
-    info = EncoderInfo(encoder_name(cfg.model), model_dim(cfg.model), cfg.pooling, cfg.max_length)
+    info = EncoderInfo(
+        encoder_name(cfg.model), model_dim(cfg.model), cfg.resolved_pooling(), cfg.max_length
+    )
     cache_dir = expand_env(cfg.cache_dir)  # also when cfg was built in code, not loaded
     cache = EmbeddingCache(cache_dir, info.identity, info.dim) if cache_dir else None
 

@@ -145,7 +145,12 @@ class TextEncoder:
     @classmethod
     def from_config(cls, cfg: EncoderConfig) -> TextEncoder:
         return cls(
-            cfg.model, cfg.pooling, cfg.max_length, cfg.batch_size, cfg.bucket_by_length, cfg.device
+            cfg.model,
+            cfg.resolved_pooling(),
+            cfg.max_length,
+            cfg.batch_size,
+            cfg.bucket_by_length,
+            cfg.device,
         )
 
     def encode(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:

@@ -45,7 +45,10 @@ def test_environment_variables_fill_values_and_nested_defaults(config_file, monk
     [
         ("processing.kcor=3", "unknown key 'processing.kcor' (did you mean 'processing.kcore'?)"),
         ("processing.kcore=abc", "processing.kcore: expected an integer, got 'abc'"),
-        ("encoder.pooling=max", "encoder.pooling: expected one of ['cls', 'mean'], got 'max'"),
+        (
+            "encoder.pooling=max",
+            "encoder.pooling: expected one of ['auto', 'cls', 'mean'], got 'max'",
+        ),
         (
             "processing.tie_order=random",
             "processing.tie_order: expected one of ['file', 'shuffle'], got 'random'",
@@ -75,7 +78,7 @@ def test_tie_order_is_null_by_default_and_resolves_per_format(config_file):
 def test_config_show_prints_the_resolved_config(config_file, capsys):
     assert main(["config", "show", str(config_file), "processing.max_seq_len=20"]) == 0
     out = capsys.readouterr().out
-    assert "max_seq_len: 20" in out and "pooling: cls" in out
+    assert "max_seq_len: 20" in out and "pooling: auto" in out
 
 
 def test_cli_reports_config_errors_without_a_traceback(config_file, capsys):

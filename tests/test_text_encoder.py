@@ -288,3 +288,17 @@ def test_a_domain_without_word_drop_is_not_encoded_twice_and_reads_its_plain_vec
     assert "embeddings_worddrop" not in files["games"]
     assert np.array_equal(ds.embeddings("games", worddrop=True), ds.embeddings("games"))
     assert not np.array_equal(ds.embeddings("books", worddrop=True), ds.embeddings("books"))
+
+
+def test_auto_pooling_is_mean_for_the_packaged_minilm_and_cls_for_other_checkpoints(tiny_bert):
+    """encoder.pooling: auto (the default) -> mean for all-MiniLM-L6-v2, which was trained
+    with mean pooling and measured better on Scientific; cls for any other BERT; an
+    explicit choice is kept. The resolved pooling names the cache identity."""
+    assert EncoderConfig().pooling == "auto"
+    assert EncoderConfig().resolved_pooling() == "mean"
+    assert EncoderConfig(model=tiny_bert).resolved_pooling() == "cls"
+    assert EncoderConfig(pooling="cls").resolved_pooling() == "cls"
+    assert EncoderConfig(model=tiny_bert, pooling="mean").resolved_pooling() == "mean"
+    _, info = encode_texts(TEXTS[:2], EncoderConfig(model=tiny_bert, cache_dir=""), progress=False)
+    assert info.pooling == "cls" and "pooling=cls" in info.identity
+    assert TextEncoder.from_config(EncoderConfig(model=tiny_bert)).pooling == "cls"
