@@ -200,7 +200,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if best is None or score < best["heldout_loss"]:
                     state["best"] = {"step": state["step"], "epoch": epochs_done, **held}
                 if logger:
-                    logger.log({**held, "heldout_epoch": epochs_done}, state["step"])
+                    logger.log({**held, "heldout_epoch": epochs_done}, state["step"], "heldout")
             if (
                 done
                 or end_of_epoch
@@ -300,7 +300,12 @@ def _stall_once(cfg: PretrainConfig, rank: int) -> None:
 
 
 class _MetricLogger:
-    """Rank 0's per-step metrics straight into the driver's MLflow run, each step once."""
+    """Rank 0's per-step metrics straight into the driver's MLflow run, each step once.
+
+    Metric groups (training metrics, held-out losses) are logged at the same steps, so each
+    group remembers its own last step (named by its first metric's history)."""
+
+    GROUPS = {"train": "loss", "heldout": "heldout_loss"}
 
     def __init__(self, tracking_uri: str, run_id: str):
         from mlflow.tracking import MlflowClient
@@ -308,15 +313,17 @@ class _MetricLogger:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.run_id = run_id
         # After a restart the steps since the last checkpoint run again: log each step once.
-        history = self.client.get_metric_history(run_id, "loss")
-        self.last_step = max((m.step for m in history), default=0)
+        self.last_step = {
+            group: max((m.step for m in self.client.get_metric_history(run_id, key)), default=0)
+            for group, key in self.GROUPS.items()
+        }
 
-    def log(self, metrics: dict, step: int) -> None:
+    def log(self, metrics: dict, step: int, group: str = "train") -> None:
         from mlflow.entities import Metric
 
-        if step <= self.last_step:
+        if step <= self.last_step[group]:
             return
-        self.last_step = step
+        self.last_step[group] = step
         now = int(time.time() * 1000)
         self.client.log_batch(
             self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
