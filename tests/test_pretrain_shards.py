@@ -74,7 +74,7 @@ def test_heldout_users_go_to_their_own_shard_and_never_to_training(tmp_path):
     import webdataset as wds
 
     from sharding.dataset import Dataset
-    from tests.helpers_data import write_small_dataset
+    from helpers_data import write_small_dataset
 
     root = write_small_dataset(
         tmp_path / "data",
