@@ -67,7 +67,7 @@ class FinetuneOptimConfig:
 class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [10, 50])  # cut-offs of Recall@K and NDCG@K
     exclude_history: bool = False  # drop the user's history items from the ranking
-    batch_size: int = 256  # users scored at once (a block of users)
+    batch_size: int = 1024  # users scored at once (a block of users)
     item_block: int = 16384  # items scored at once; memory ~ batch_size x item_block floats
     stop_metric: str = "ndcg@10"  # valid metric for early stopping and the best state
     popularity_groups: int = 5  # long-tail breakdown of test metrics by target popularity

@@ -330,7 +330,7 @@ def rank_split(
     *,
     temperature: float,
     exclude_history: bool = False,
-    batch_size: int = 256,
+    batch_size: int = 1024,
     item_block: int = 16384,
 ) -> Ranks:
     """Rank every user's target against all N items; returns :class:`Ranks` on the CPU.
@@ -398,7 +398,7 @@ def full_report(
     temperature: float,
     ks: list[int],
     exclude_history: bool = False,
-    batch_size: int = 256,
+    batch_size: int = 1024,
     item_block: int = 16384,
     groups: int = 5,
 ) -> dict:

@@ -81,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--items", type=int, nargs="+", default=[4385, 100_000, 1_000_000])
     parser.add_argument("--users", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=256, help="users per block")
+    parser.add_argument("--batch-size", type=int, default=1024, help="users per block")
     parser.add_argument("--item-block", type=int, default=16384, help="items per block")
     parser.add_argument("--unblocked", action="store_true", help="also one block, 1,024 users")
     parser.add_argument("--threads", type=int, default=2)

@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="none", help="none or a models:/ URI")
     parser.add_argument("--hidden-size", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=256, help="training windows per step")
-    parser.add_argument("--eval-batch-size", type=int, default=256, help="users per scoring block")
+    parser.add_argument("--eval-batch-size", type=int, default=1024, help="users per scoring block")
     parser.add_argument("--item-block", type=int, default=16384, help="items per scoring block")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument(

@@ -92,7 +92,7 @@ MUTATIONS = [
         "pretrain/model.py",
         (
             (
-                "return F.normalize(queries, dim=-1) @ F.normalize(vectors, dim=-1).T / temperature",
+                "return (F.normalize(queries, dim=-1) / temperature) @ F.normalize(vectors, dim=-1).T",
                 "return queries @ vectors.T",
             ),
         ),

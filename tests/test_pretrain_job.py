@@ -96,6 +96,7 @@ def test_pretraining_registers_a_backbone_and_the_loss_falls(uninterrupted):
     assert uninterrupted["final_loss"] < uninterrupted["first_loss"]
     assert uninterrupted["samples_seen"] == 2 * 96 + 0  # two epochs over every window
     assert uninterrupted["sequences_per_second"] > 0
+    assert uninterrupted["targets_per_second"] > 0
     summary = json.loads(
         (Path(uninterrupted["checkpoint"]).parents[2] / "summary.json").read_text()
     )
@@ -115,6 +116,7 @@ def test_run_logs_config_metrics_dataset_input_and_commit(uninterrupted):
         "lr",
         "sequences_per_second",
         "tokens_per_second",
+        "targets_per_second",
     ):
         assert key in run.data.metrics
     assert run.data.tags["git_commit"]

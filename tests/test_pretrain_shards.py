@@ -72,9 +72,9 @@ def test_heldout_users_go_to_their_own_shard_and_never_to_training(tmp_path):
     import json
 
     import webdataset as wds
+    from helpers_data import write_small_dataset
 
     from sharding.dataset import Dataset
-    from tests.helpers_data import write_small_dataset
 
     root = write_small_dataset(
         tmp_path / "data",
