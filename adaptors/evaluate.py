@@ -209,6 +209,9 @@ def metrics_by_group(
     return report
 
 
+ADAPTOR_BLOCK = 4096  # items per adaptor call in evaluation: ~40 MB of expert outputs
+
+
 @torch.no_grad()
 def catalogue_vectors_in_blocks(
     model: SequenceRecommender, text_table: torch.Tensor, item_block: int
@@ -264,12 +267,27 @@ class TwinItems:
         return rows[other].to(targets.device), twins[other].to(targets.device)
 
 
-def _first_equal_row(rows: torch.Tensor) -> torch.Tensor:
-    """rows: ``(N, D)`` -> ``(N,) int64``: index of the first row bitwise equal to each."""
-    array = np.ascontiguousarray(rows.cpu().numpy())
-    keys = array.view(np.dtype((np.void, array.dtype.itemsize * array.shape[1]))).ravel()
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    return torch.from_numpy(first[inverse.ravel()])
+def _first_equal_row(rows: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """rows: ``(N, D)`` float32 -> ``(N,) int64``: index of the first row bitwise equal to each.
+
+    Rows are grouped by a 64-bit hash of their bits (``O(N)`` memory, no sort of the rows),
+    then each row is compared bit for bit with its group's first row; one whose hash collides
+    with a different row's (odds ~N^2 / 2^64) is left on its own.
+    """
+    bits = np.ascontiguousarray(rows.detach().cpu().numpy()).view(np.int32)
+    n, d = bits.shape
+    multipliers = np.random.default_rng(0).integers(1, 2**63, size=d, dtype=np.uint64) | 1
+    hashes = np.empty(n, dtype=np.uint64)
+    for start in range(0, n, chunk):
+        block = bits[start : start + chunk].astype(np.int64).view(np.uint64)
+        hashes[start : start + chunk] = (block * multipliers).sum(axis=1)  # wraps mod 2^64
+    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    first = first[inverse.ravel()]
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        same = (bits[start:stop] == bits[first[start:stop]]).all(axis=1)
+        first[start:stop] = np.where(same, first[start:stop], np.arange(start, stop))
+    return torch.from_numpy(first.astype(np.int64))
 
 
 def count_ranks_in_blocks(
@@ -341,7 +359,8 @@ def rank_split(
     """
     model.eval()
     device = text_table.device
-    items = catalogue_vectors_in_blocks(model, text_table, item_block)  # (N+1, H), once
+    # (N+1, H), once; the adaptor's (block, G, H) intermediates kept small
+    items = catalogue_vectors_in_blocks(model, text_table, min(item_block, ADAPTOR_BLOCK))
     twins = TwinItems.of(model, text_table)
     greater = torch.zeros(len(split), dtype=torch.long)
     ties = torch.zeros(len(split), dtype=torch.long)

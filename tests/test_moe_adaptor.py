@@ -138,3 +138,15 @@ def test_zero_experts_is_a_config_error():
 
     with pytest.raises(ConfigError, match="num_experts"):
         from_dict(BackboneConfig, {"num_experts": 0})
+
+
+def test_expert_dropout_keeps_each_input_with_probability_1_minus_p_scaled_up():
+    torch.manual_seed(0)
+    layer = PWLayer(in_dim=4, out_dim=4, dropout=0.25).train()
+    with torch.no_grad():
+        layer.lin.weight.copy_(torch.eye(4))
+    out = layer(torch.ones(50_000, 4))  # identity projection, zero shift: out = dropout(x)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / 0.75))
+    torch.testing.assert_close(layer.eval()(torch.ones(3, 4)), torch.ones(3, 4))
