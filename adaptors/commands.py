@@ -57,11 +57,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_recommend(args: argparse.Namespace) -> int:
     from adaptors.serving import parse_history, top_k
     from unisrec.errors import ConfigError
-    from unisrec.tracking import configure_mlflow
 
-    configure_mlflow(args.tracking_uri)  # the backbone loads from the registry
     out = Path(args.output_dir or Path(DEFAULT_OUTPUT_ROOT) / _tenant(args.tenant))
-    model, spec, catalogue = _local_tenant(out, args.tenant)
+    model, spec, catalogue = _local_tenant(out, args.tenant, args.tracking_uri)
     history = parse_history(args.history)
     try:
         recs = top_k(
@@ -75,17 +73,20 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local_tenant(out: Path, tenant: str):
-    """Model, spec and catalogue from a tenant's fine-tune output; ConfigError if absent."""
+def _local_tenant(out: Path, tenant: str, tracking_uri: str):
+    """Model, spec and catalogue from a tenant's fine-tune output; ConfigError if absent
+    (checked before the MLflow store, which holds the backbone, is opened)."""
     from adaptors.bundle import SPEC_FILE, load_bundle
     from adaptors.catalogue import META_FILE, Catalogue
     from unisrec.errors import ConfigError
+    from unisrec.tracking import configure_mlflow
 
     if not (out / "adaptor" / SPEC_FILE).is_file() or not (out / "catalogue" / META_FILE).is_file():
         raise ConfigError(
             f"--tenant {tenant}: no fine-tune output in {out} (run `unisrec finetune CONFIG.yaml "
             f"tenant={tenant}` first, or point --output-dir at the tenant's output)"
         )
+    configure_mlflow(tracking_uri)
     model, spec = load_bundle(out / "adaptor")
     return model, spec, Catalogue.load(out / "catalogue")
 

@@ -1,5 +1,32 @@
-"""Test-wide setup: every Ray node, gloo group and server a test starts stays on loopback."""
+"""Test-wide setup: every Ray node, gloo group and server a test starts stays on loopback,
+and no test's MLflow store leaks into the next one."""
+
+import os
+import sys
+
+import pytest
 
 from unisrec.runtime import use_loopback
 
 use_loopback()
+
+MLFLOW_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_store_stays_with_its_test():
+    """``mlflow.set_tracking_uri``/``set_registry_uri`` also export ``MLFLOW_*_URI`` for
+    subprocesses; without this, a later test (and every process it spawns) would default to
+    an earlier test's store."""
+    before = {key: os.environ.get(key) for key in MLFLOW_URI_ENV}
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])  # None unsets the variable
+        mlflow.set_registry_uri(before["MLFLOW_REGISTRY_URI"])
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

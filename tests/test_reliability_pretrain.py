@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pretrain.config import LossConfig
 from pretrain.gather import Gather
 from pretrain.losses import pretrain_loss
 from pretrain.model import BackboneConfig, UniSRec
@@ -32,6 +33,7 @@ from sharding.stream import pad_batch
 ROWS = [[1, 2, 3, 4], [5, 2, 6], [7, 8]]
 TEXT_DIM = 8
 NUM_ITEMS = 8
+LOSS = LossConfig(lam=0.5, temperature=0.07)
 
 
 def _build() -> tuple[UniSRec, torch.Tensor, torch.Tensor]:
@@ -45,14 +47,16 @@ def _build() -> tuple[UniSRec, torch.Tensor, torch.Tensor]:
 
 
 def _real_batch() -> dict[str, torch.Tensor]:
-    rows = [{"items": r, "sample_id": i, "domain_id": 0} for i, r in enumerate(ROWS)]
+    rows = [
+        {"items": r, "sample_id": i, "domain_id": 0, "first_query": 0} for i, r in enumerate(ROWS)
+    ]
     return pad_batch(rows, len(ROWS))
 
 
 def _loss_and_grads(batch: dict, gather: Gather) -> tuple[torch.Tensor, list[torch.Tensor]]:
     model, *tables = _build()
     out = pretrain_loss(
-        model, batch, *tables, lam=0.5, temperature=0.07, step=3, seed=5, gather=gather
+        model, batch, *tables, LOSS, step=3, seed=5, gather=gather
     )
     out["loss"].backward()
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
