@@ -81,7 +81,7 @@ class DistributedConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 on GPUs; fp16 is not offered
     checkpoint_every: int = 50  # steps between checkpoints (also at each epoch end)
     keep_checkpoints: int = 2
-    max_failures: int = 1  # worker-group restarts Ray may make after a failure
+    max_failures: int = 3  # worker-group restarts after a failure (-1: no limit)
     ray_address: str = ""  # "" = $RAY_ADDRESS or a local loopback Ray
     storage_path: str = ""  # Ray Train storage (checkpoints); "" = <output_dir>/ray
 

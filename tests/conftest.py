@@ -1,5 +1,5 @@
 """Test-wide setup: every Ray node, gloo group and server a test starts stays on loopback,
-and no test's MLflow store leaks into the next one."""
+and no test's MLflow store leaks into the next test or module."""
 
 import os
 import sys
@@ -13,13 +13,9 @@ use_loopback()
 MLFLOW_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
-@pytest.fixture(autouse=True)
-def _mlflow_store_stays_with_its_test():
+def _restore_mlflow_uris(before: dict[str, str | None]) -> None:
     """``mlflow.set_tracking_uri``/``set_registry_uri`` also export ``MLFLOW_*_URI`` for
-    subprocesses; without this, a later test (and every process it spawns) would default to
-    an earlier test's store."""
-    before = {key: os.environ.get(key) for key in MLFLOW_URI_ENV}
-    yield
+    subprocesses; put both (and MLflow's own settings) back as they were."""
     if "mlflow" in sys.modules:
         import mlflow
 
@@ -30,3 +26,18 @@ def _mlflow_store_stays_with_its_test():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _mlflow_store_stays_with_its_module():
+    """Module fixtures point MLflow at their module's store; the next module starts clean."""
+    before = {key: os.environ.get(key) for key in MLFLOW_URI_ENV}
+    yield
+    _restore_mlflow_uris(before)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_store_stays_with_its_test():
+    before = {key: os.environ.get(key) for key in MLFLOW_URI_ENV}
+    yield
+    _restore_mlflow_uris(before)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,12 +52,13 @@ def test_two_processes_setting_up_one_fresh_sqlite_store_both_succeed(tmp_path):
 
     check = (
         "from mlflow.tracking import MlflowClient\n"
-        f"c = MlflowClient({uri!r})\n"
+        f"c = MlflowClient({uri!r}, registry_uri={uri!r})\n"
         "e = c.get_experiment_by_name('race')\n"
         "print(len(c.search_runs([e.experiment_id])), len(c.search_registered_models()))\n"
     )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     later = subprocess.run(
-        [sys.executable, "-c", check], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=120, env=env
     )
     assert later.returncode == 0, later.stderr[-2000:]
     assert later.stdout.split() == ["2", "0"]
