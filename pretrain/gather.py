@@ -50,16 +50,19 @@ class Gather:
 
         Each rank's rows are padded with zeros to the largest ``n`` first; the mask
         ``(world * n_max,)`` bool marks real rows. Differentiable like :meth:`all_gather`.
+        The mask is built from every rank's ``n`` (one small blocking gather), so the only
+        asynchronous collective is the one whose result the caller uses.
         """
         n = x.shape[0]
         if self.world_size == 1:
             return x, torch.ones(n, dtype=torch.bool, device=x.device)
-        n_max = torch.tensor([n], device=x.device)
-        dist.all_reduce(n_max, op=dist.ReduceOp.MAX, group=self.group)
-        n_max = int(n_max.item())
+        counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(self.world_size)]
+        dist.all_gather(counts, torch.tensor([n], device=x.device), group=self.group)
+        counts = torch.cat(counts)  # (world,)
+        n_max = int(counts.max())
         padded = torch.cat([x, x.new_zeros((n_max - n, *x.shape[1:]))])
-        valid = torch.arange(n_max, device=x.device) < n
-        return self.all_gather(padded), self.all_gather(valid)
+        valid = torch.arange(n_max, device=x.device).unsqueeze(0) < counts.unsqueeze(1)
+        return self.all_gather(padded), valid.reshape(-1)
 
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of ``x`` over ranks, detached (for counts and logged metrics)."""

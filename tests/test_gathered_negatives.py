@@ -81,6 +81,11 @@ def loss_and_grads(
     return out["loss"].detach(), metrics, grads
 
 
+def unwaited_collectives() -> int:
+    """Asynchronous (functional) collectives started in this process and never waited for."""
+    return torch._C._distributed_c10d._get_work_registry_size()
+
+
 def worker(rank: int, port: int, queue) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -96,6 +101,7 @@ def worker(rank: int, port: int, queue) -> None:
                 loss, metrics, grads = loss_and_grads(
                     model, batch, tables, gather_cls.from_dist(), p
                 )
+                results["unwaited", gather_cls.__name__, mode] = unwaited_collectives()
                 # What DDP/DeepSpeed do: average over ranks.
                 for t in (loss, *grads):
                     dist.all_reduce(t)
@@ -163,3 +169,12 @@ def test_gather_without_autograd_gets_gradients_wrong(two_rank_results, mode):
     assert d_loss == pytest.approx(loss, abs=1e-5)  # the forward pass is the same...
     worst = max(np.abs(a - b).max() for a, b in zip(grads, d_grads, strict=True))
     assert worst > 1e-3  # ...but the cross-rank gradient terms are missing
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_losses_wait_for_every_collective_they_start(two_rank_results, mode):
+    """A gathered tensor nobody reads is a collective nobody waits for: its output stays in
+    torch's work registry while gloo may still write it. After a loss and its backward pass
+    nothing may be left there."""
+    for rank in range(WORLD):
+        assert two_rank_results[rank]["unwaited", "Gather", mode] == 0
