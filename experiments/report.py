@@ -77,6 +77,13 @@ def _plt():
     return plt
 
 
+def _save(fig, png: Path) -> None:
+    """Lay out, write and release a report figure."""
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    _plt().close(fig)
+
+
 def bars(spec: ReportSpec, results: dict, png: Path) -> tuple[str, dict]:
     text, rows = table(spec, results)
     plt = _plt()
@@ -93,9 +100,7 @@ def bars(spec: ReportSpec, results: dict, png: Path) -> tuple[str, dict]:
         if finite:
             ax.set_ylim(min(finite) * 0.9, max(finite) * 1.05)
     fig.suptitle(spec.title or spec.name, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
+    _save(fig, png)
     return text, rows
 
 
@@ -142,9 +147,7 @@ def popularity(spec: ReportSpec, results: dict, png: Path) -> tuple[str, dict]:
     ax.set_xlabel("target popularity group (training interactions)")
     ax.legend(fontsize=7)
     ax.set_title(spec.title or spec.name, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
+    _save(fig, png)
     return "\n".join(lines), rows
 
 
@@ -182,9 +185,7 @@ def fractions(spec: ReportSpec, results: dict, png: Path) -> tuple[str, dict]:
         ax.set_title(metric)
         ax.legend(fontsize=7)
     fig.suptitle(spec.title or spec.name, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
+    _save(fig, png)
     return "\n".join(lines), {c: {str(f): v for f, v in r.items()} for c, r in rows.items()}
 
 
@@ -213,9 +214,7 @@ def heldout(spec: ReportSpec, results: dict, png: Path) -> tuple[str, dict]:
     ax.set_ylabel("held-out loss")
     ax.legend(fontsize=7)
     ax.set_title(spec.title or spec.name, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
+    _save(fig, png)
     return "\n".join(lines), rows
 
 

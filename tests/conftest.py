@@ -13,6 +13,10 @@ use_loopback()
 MLFLOW_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
+def _mlflow_uris() -> dict[str, str | None]:
+    return {key: os.environ.get(key) for key in MLFLOW_URI_ENV}
+
+
 def _restore_mlflow_uris(before: dict[str, str | None]) -> None:
     """``mlflow.set_tracking_uri``/``set_registry_uri`` also export ``MLFLOW_*_URI`` for
     subprocesses; put both (and MLflow's own settings) back as they were."""
@@ -31,13 +35,13 @@ def _restore_mlflow_uris(before: dict[str, str | None]) -> None:
 @pytest.fixture(autouse=True, scope="module")
 def _mlflow_store_stays_with_its_module():
     """Module fixtures point MLflow at their module's store; the next module starts clean."""
-    before = {key: os.environ.get(key) for key in MLFLOW_URI_ENV}
+    before = _mlflow_uris()
     yield
     _restore_mlflow_uris(before)
 
 
 @pytest.fixture(autouse=True)
 def _mlflow_store_stays_with_its_test():
-    before = {key: os.environ.get(key) for key in MLFLOW_URI_ENV}
+    before = _mlflow_uris()
     yield
     _restore_mlflow_uris(before)
