@@ -46,7 +46,7 @@ class FinetuneDataConfig:
 @dataclass
 class FinetuneOptimConfig:
     lr: float = 1e-3  # Adam learning rate (the paper's)
-    batch_size: int = 256  # training windows (sequences) per step
+    batch_size: int = 1024  # next-item targets per step (the official code: 2,048)
     max_epochs: int = 50
     patience: int = 10  # epochs without a better valid metric before stopping
     weight_decay: float = 0.0

@@ -106,19 +106,30 @@ def next_item_loss(
 
 
 def epoch_batches(
-    lengths: torch.Tensor, batch_size: int, bucket_by_length: bool, generator: torch.Generator
+    lengths: torch.Tensor,
+    target_counts: torch.Tensor,
+    batch_targets: int,
+    bucket_by_length: bool,
+    generator: torch.Generator,
 ) -> list[torch.Tensor]:
     """Window indexes for each step of an epoch, in a seeded random order.
 
-    lengths: ``(W,)`` input items per window. With ``bucket_by_length`` the shuffled windows
-    are sorted by length before being cut into batches (ties stay shuffled) and the batches
-    are shuffled: most windows are short, so random batches are mostly padding (about 6x
-    the real positions on Amazon Scientific) and the Transformer's cost follows the padding.
+    lengths: ``(W,)`` input items per window; target_counts: ``(W,)`` next-item targets per
+    window. Consecutive windows of the order form a step until it holds ``batch_targets``
+    targets: a window joins the step in which its first target falls, so a step holds
+    ``batch_targets`` targets give or take one window's. With ``bucket_by_length`` the
+    shuffled windows are sorted by length before being cut (ties stay shuffled) and the
+    steps are shuffled: most windows are short, so random batches are mostly padding (about
+    6x the real positions on Amazon Scientific) and the Transformer's cost follows the
+    padding.
     """
     order = torch.randperm(len(lengths), generator=generator)
     if bucket_by_length:
         order = order[torch.argsort(lengths[order], stable=True)]
-    batches = list(order.split(batch_size))
+    counts = target_counts[order]
+    first_target = counts.cumsum(0) - counts  # targets before each window, in this order
+    _, sizes = torch.unique_consecutive(first_target // batch_targets, return_counts=True)
+    batches = list(order.split(sizes.tolist()))
     if bucket_by_length:
         batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
     return batches
@@ -135,27 +146,28 @@ def train_epoch(
     """One pass over all training windows; returns the epoch's mean loss per target.
     text_table: ``(N+1, D)`` on the training device.
 
-    Every target weighs the same in every step: a step's loss is its sum of cross-entropies
-    over ``batch_size x`` the domain's mean targets per window, a constant, not over its own
-    (variable) target count. A random full batch holds that many targets on average, so the
-    average step is the per-batch mean of before and the learning rate keeps its meaning;
-    length-bucketed batches of short windows simply weigh less, as their targets are fewer.
+    A step holds about ``optim.batch_size`` next-item targets (the official code's batch
+    is 2,048 targets), all scored against one adaptor pass over the catalogue. Every target
+    weighs the same in every step: a step's loss is its sum of cross-entropies over
+    ``batch_size``, a constant, not over its own (slightly variable) target count.
     """
     model.train()
     device = text_table.device
     # Seeded by epoch, so a resumed run sees the same order as an uninterrupted one.
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     lengths = (windows.inputs > 0).sum(dim=1)
-    batches = epoch_batches(lengths, cfg.optim.batch_size, cfg.optim.bucket_by_length, generator)
+    target_counts = (windows.targets > 0).sum(dim=1)
+    batches = epoch_batches(
+        lengths, target_counts, cfg.optim.batch_size, cfg.optim.bucket_by_length, generator
+    )
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    normaliser = cfg.optim.batch_size * float((windows.targets > 0).sum()) / len(windows)
     total, count = 0.0, 0
     for batch in batches:
         length = int(lengths[batch].max())  # trim the padding the whole batch shares
         inputs = windows.inputs[batch, :length].to(device)
         targets = windows.targets[batch, :length].to(device)
         loss_sum, queries = next_item_loss(model, inputs, targets, text_table, cfg.temperature)
-        loss = loss_sum / normaliser
+        loss = loss_sum / cfg.optim.batch_size
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optim.grad_clip > 0:

@@ -18,6 +18,9 @@ class PretrainDataConfig:
     batch_size: int = 256  # sequences per worker per step (global batch = batch_size x workers)
     loader_workers: int = 1  # DataLoader processes per worker reading shards
     shuffle_buffer: int = 2000
+    # Sort every this many batches' samples by length into batches, then shuffle the batches:
+    # a batch pads to its longest window, and domains' windows differ in length (0/1 = off).
+    bucket_batches: int = 16
     # Pretrain on these pretraining domains of the shards only ([] = all), e.g. [office]
     # for the paper's Figure 2; held-out losses follow the same choice.
     domains: list[str] = field(default_factory=list)
@@ -26,6 +29,7 @@ class PretrainDataConfig:
         check_range("batch_size", self.batch_size, 1)
         check_range("loader_workers", self.loader_workers, 0)
         check_range("shuffle_buffer", self.shuffle_buffer, 0)
+        check_range("bucket_batches", self.bucket_batches, 0)
 
 
 @dataclass

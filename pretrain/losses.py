@@ -1,7 +1,7 @@
 """UniSRec's two contrastive pretraining losses, with negatives shared across ranks.
 
 * sequence-item (L_si): a sequence prefix should score its next item above every other
-  distinct item of the global batch;
+  distinct target of the global batch, except the items of its own window;
 * sequence-sequence (L_ss): the same query prefix should score its own augmented view
   above the augmented views of all other query prefixes of the global batch (the other
   prefixes of its own window are left out: they share its items).
@@ -25,19 +25,26 @@ from pretrain.model import SequenceRecommender
 def seq_item_loss(
     queries: torch.Tensor,
     targets: torch.Tensor,
+    query_rows: torch.Tensor,
+    windows: torch.Tensor,
     keys: torch.Tensor,
     key_ids: torch.Tensor,
     temperature: float,
     gather: Gather,
 ) -> tuple[torch.Tensor, int]:
-    """Cross-entropy of each query's target among all ranks' distinct batch items.
+    """Cross-entropy of each query's target among all ranks' distinct batch targets.
 
-    queries: ``(Q, H)`` sequence outputs; targets: ``(Q,)`` long item ids, each present in
-    this rank's ``key_ids``. keys: ``(K, H)`` item vectors of this rank's distinct batch
-    items, key_ids: ``(K,)`` long, no duplicates. Keys are gathered from every rank; an item
-    held by several ranks counts once (its first copy), so the candidates are exactly those
-    of one process on the global batch, and another copy of the positive is never a negative.
-    Returns (sum of the Q cross-entropies, scalar with grad; Q).
+    queries: ``(Q, H)`` sequence outputs; targets: ``(Q,)`` long item ids; query_rows:
+    ``(Q,)`` long, the row of ``windows`` each query comes from; windows: ``(B, T)`` long,
+    this rank's windows (item ids, 0 = padding). keys: ``(K, H)`` item vectors of this
+    rank's distinct targets, key_ids: ``(K,)`` long, no duplicates, holding every target.
+
+    The candidates are the global batch's distinct targets (as in the official code, whose
+    candidates are the batch's positive items): keys are gathered from every rank, an item
+    held by several ranks counts once, so another copy of the positive is never a negative.
+    An item of the query's own window other than its target is not a negative either: it
+    is the user's own history or future, not a contrast. Returns (sum of the Q
+    cross-entropies, scalar with grad; Q).
     """
     q = F.normalize(queries, dim=-1)
     all_keys, valid = gather.all_gather_ragged(F.normalize(keys, dim=-1))
@@ -45,13 +52,26 @@ def seq_item_loss(
     all_ids = all_ids.masked_fill(~valid, -1)
     candidate = valid & _first_occurrence(all_ids)  # (K_all,)
 
-    logits = (q @ all_keys.T / temperature).masked_fill(~candidate, float("-inf"))
     is_target = (targets.unsqueeze(1) == all_ids.unsqueeze(0)) & candidate  # (Q, K_all)
     if not bool(is_target.any(dim=1).all()):
         raise ValueError("every target item must be among this rank's key_ids")
+    in_window = _window_holds(windows, all_ids)[query_rows]  # (Q, K_all)
+    allowed = candidate & (is_target | ~in_window)
+    logits = (q @ all_keys.T / temperature).masked_fill(~allowed, float("-inf"))
     # No keys anywhere (an all-filler batch on one process): no queries either.
     labels = is_target.int().argmax(dim=1) if is_target.numel() else targets.new_zeros(0)
     return F.cross_entropy(logits, labels, reduction="sum"), int(q.shape[0])
+
+
+def _window_holds(windows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """windows: ``(B, T)`` long (0 = padding), ids: ``(K,)`` long -> ``(B, K)`` bool,
+    True where row b holds item ids[k]. Memory ``B x (B*T + K)``, not ``B x T x K``."""
+    uniq, inverse = torch.unique(torch.cat([windows.reshape(-1), ids]), return_inverse=True)
+    cells = windows.numel()
+    holds = torch.zeros(windows.shape[0], uniq.shape[0], dtype=torch.bool, device=ids.device)
+    holds.scatter_(1, inverse[:cells].view(windows.shape), True)
+    holds[:, uniq == 0] = False  # padding is not an item
+    return holds[:, inverse[cells:]]
 
 
 def seq_seq_loss(
@@ -165,19 +185,22 @@ def pretrain_loss(
     items, inputs, targets, query_mask = next_item_targets(batch)
     input_lengths = (batch["lengths"] - 1).clamp(min=0)
 
-    # The adaptor runs once per distinct item; its outputs are both inputs and candidates.
+    # The adaptor runs once per distinct item; its outputs are inputs, targets the candidates.
     encoded = model(items, text_table, last_is_target=True)
     outputs = encoded.outputs  # (B, T-1, H)
     # A term switched off (the paper's ablations) is not computed: sum 0 over the queries.
     queries = int(query_mask.sum())
     si_sum, si_count = ss_sum, ss_count = outputs.new_zeros(()), queries
     if loss.seq_item:
-        real = encoded.item_ids != 0
+        query_targets = targets[query_mask]
+        is_key = torch.isin(encoded.item_ids, query_targets)  # the batch's distinct targets
         si_sum, si_count = seq_item_loss(
             outputs[query_mask],
-            targets[query_mask],
-            encoded.item_vectors[real],
-            encoded.item_ids[real],
+            query_targets,
+            query_mask.nonzero(as_tuple=True)[0],
+            items,
+            encoded.item_vectors[is_key],
+            encoded.item_ids[is_key],
             loss.temperature,
             gather,
         )

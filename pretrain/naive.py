@@ -44,12 +44,11 @@ def naive_pretrain_loss(
     outputs = _encode_every_position(model, prefixes, text_table[prefixes])
     queries = SequenceRecommender.last(outputs, ends + 1)  # (Q, H)
 
-    # The candidates are the batch's distinct items, as in the efficient formulation.
-    key_ids = torch.unique(items)
-    key_ids = key_ids[key_ids != 0]
+    # The candidates are the batch's distinct targets, as in the efficient formulation.
+    key_ids = torch.unique(targets[query_mask])
     keys = model.item_vectors(text_table[key_ids], key_ids)
     si_sum, si_count = seq_item_loss(
-        queries, targets[query_mask], keys, key_ids, loss.temperature, gather
+        queries, targets[query_mask], rows, items, keys, key_ids, loss.temperature, gather
     )
 
     # Each query prefix augmented on its own (the decisions follow sample id and position).

@@ -88,6 +88,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         num_workers=cfg.data.loader_workers,
         seed=cfg.seed,
         shuffle_buffer=cfg.data.shuffle_buffer,
+        bucket_batches=cfg.data.bucket_batches,
     )
     heldout = dataset.heldout_specs(cfg.data.shard_base or None, cfg.data.domains)  # {} = none
 

@@ -5,7 +5,8 @@ permuted list goes to rank ``j % world_size``; a rank's shards are then split ac
 loader workers the same way. Each sequence is therefore read exactly once per epoch across
 all ranks and workers. Since shard sizes are known from the manifest, every rank computes
 the same ``batches_in_epoch`` and pads its stream with *filler* batches (all rows
-``lengths == 0``) so no rank leaves a collective early.
+``lengths == 0``) so no rank leaves a collective early. With ``bucket_batches`` the shuffled samples are
+grouped into batches of similar length (far less padding), with the same batch count.
 
 A batch is a dict of tensors, always ``batch_size`` rows (rows past the real samples are
 filler)::
@@ -66,16 +67,57 @@ def pad_batch(rows: list[dict], batch_size: int) -> dict[str, torch.Tensor]:
     }
 
 
+def length_bucketed(
+    samples: Iterator[dict], batch_size: int, bucket_batches: int, rng: random.Random
+) -> Iterator[list[dict]]:
+    """Cut a (shuffled) stream of samples into batches of rows of similar length.
+
+    Every ``bucket_batches x batch_size`` samples are sorted by length (ties keep the
+    stream's random order), cut into ``bucket_batches`` full batches, and those batches are
+    yielded in a random order. A batch is padded to its longest row, so mixing a 51-item
+    window into a batch of 9-item ones multiplies the encoder's work; sorted batches pad
+    little. Every sample is yielded once, and ``n`` samples give ``ceil(n / batch_size)``
+    batches, as plain batching does (only the last batch can be short).
+    ``bucket_batches <= 1`` is plain batching in stream order.
+    """
+    chunk = batch_size * max(bucket_batches, 1)
+    rows: list[dict] = []
+    for sample in samples:
+        rows.append(sample)
+        if len(rows) == chunk:
+            yield from _sorted_batches(rows, batch_size, bucket_batches, rng)
+            rows = []
+    if rows:
+        yield from _sorted_batches(rows, batch_size, bucket_batches, rng)
+
+
+def _sorted_batches(
+    rows: list[dict], batch_size: int, bucket_batches: int, rng: random.Random
+) -> list[list[dict]]:
+    if bucket_batches > 1:
+        rows = sorted(rows, key=lambda r: len(r["items"]))
+    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    if bucket_batches > 1:
+        rng.shuffle(batches)
+    return batches
+
+
 class _RankShards(torch.utils.data.IterableDataset):
     """One rank's shards for one epoch; loader worker ``w`` reads ``per_worker[w]``."""
 
     def __init__(
-        self, per_worker: list[list[ShardSpec]], batch_size: int, shuffle_buffer: int, seed: int
+        self,
+        per_worker: list[list[ShardSpec]],
+        batch_size: int,
+        shuffle_buffer: int,
+        seed: int,
+        bucket_batches: int = 0,
     ):
         self.per_worker = per_worker
         self.batch_size = batch_size
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
+        self.bucket_batches = bucket_batches
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
@@ -84,13 +126,7 @@ class _RankShards(torch.utils.data.IterableDataset):
         samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(
             _read_shards(self.per_worker[worker])
         )
-        rows: list[dict] = []
-        for sample in samples:
-            rows.append(sample)
-            if len(rows) == self.batch_size:
-                yield pad_batch(rows, self.batch_size)
-                rows = []
-        if rows:
+        for rows in length_bucketed(samples, self.batch_size, self.bucket_batches, rng):
             yield pad_batch(rows, self.batch_size)
 
 
@@ -134,6 +170,9 @@ class ShardStream:
         num_workers: DataLoader worker processes on this rank (0 = read in-process).
         seed: shard order and shuffle buffer are seeded by ``(seed, epoch)``.
         shuffle_buffer: samples held for shuffling within a rank's stream.
+        bucket_batches: after the shuffle, every this many batches' samples are sorted into
+            batches of similar length, yielded in random order (see :func:`length_bucketed`;
+            0 or 1 = off).
     """
 
     def __init__(
@@ -145,6 +184,7 @@ class ShardStream:
         num_workers: int = 0,
         seed: int = 0,
         shuffle_buffer: int = 1000,
+        bucket_batches: int = 0,
     ):
         if not shards:
             raise ValueError("no shards to stream")
@@ -157,6 +197,7 @@ class ShardStream:
         self.num_workers = num_workers
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
+        self.bucket_batches = bucket_batches
 
     @property
     def num_samples(self) -> int:
@@ -185,6 +226,7 @@ class ShardStream:
             self.batch_size,
             self.shuffle_buffer,
             seed=self.seed * 1_000_003 + epoch * 1009 + self.rank,
+            bucket_batches=self.bucket_batches,
         )
         loader = torch.utils.data.DataLoader(
             dataset,

@@ -70,9 +70,10 @@ def test_seq_item_loss_matches_hand_computed_cross_entropy():
         logits = [cosine(q, k) / tau for k in keys]
         expected += cross_entropy(logits, key_ids.index(target))
 
+    windows = [[7, 9], [8, 4]]  # no other key in either query's window
     loss, count = seq_item_loss(
-        torch.tensor(queries), torch.tensor(targets), torch.tensor(keys),
-        torch.tensor(key_ids), tau, SINGLE,
+        torch.tensor(queries), torch.tensor(targets), torch.tensor([0, 1]),
+        torch.tensor(windows), torch.tensor(keys), torch.tensor(key_ids), tau, SINGLE,
     )  # fmt: skip
     assert count == 2
     assert loss.item() == pytest.approx(expected, rel=1e-6)
@@ -81,8 +82,9 @@ def test_seq_item_loss_matches_hand_computed_cross_entropy():
 def test_seq_item_loss_rejects_target_missing_from_keys():
     with pytest.raises(ValueError, match="target item"):
         seq_item_loss(
-            torch.ones(1, 2), torch.tensor([5]), torch.ones(2, 2), torch.tensor([1, 2]), 0.1, SINGLE
-        )
+            torch.ones(1, 2), torch.tensor([5]), torch.tensor([0]), torch.tensor([[3, 5]]),
+            torch.ones(2, 2), torch.tensor([1, 2]), 0.1, SINGLE,
+        )  # fmt: skip
 
 
 def test_seq_seq_loss_uses_other_views_as_negatives_but_not_its_windows_other_prefixes():
@@ -106,30 +108,38 @@ def test_seq_seq_loss_uses_other_views_as_negatives_but_not_its_windows_other_pr
 # ---- pretrain_loss ------------------------------------------------------------------------
 
 
-def test_every_prefix_is_a_query_and_repeated_items_are_one_candidate(model, tables):
+def test_seq_item_candidates_are_the_batch_targets_except_the_own_windows_items(model, tables):
+    """Per-pair reference: query (row r, position t) is scored against every distinct item
+    that is some query's target in the batch, leaving out the items of row r other than its
+    own target (history before first_query included); each candidate counts once."""
     table, dropped = tables
-    # Item 5 is the target of two prefixes and occurs in both rows, item 3 twice in row 0.
-    rows = [[3, 5, 3, 5], [7, 5, 2]]
+    # 3 and 5 are targets of several queries and rows; 6, 7, 9 are never a target; row 2 is
+    # a filler row; row 3's first two inputs are history only, and its 4 is row 1's target.
+    rows = [[3, 5, 3, 5, 1], [7, 5, 2, 4], [], [6, 4, 9, 3, 11]]
+    first_query = [0, 0, 0, 2]
     batch = make_batch(rows)
+    batch["first_query"] = torch.tensor(first_query)
+    tau = 0.1
     out = pretrain_loss(
-        model, batch, table, dropped, LossConfig(lam=0.0, temperature=0.1), step=0, seed=0,
+        model, batch, table, dropped, LossConfig(lam=0.0, temperature=tau), step=0, seed=0,
         gather=SINGLE,
     )  # fmt: skip
-    assert out["queries"] == 3 + 2
 
-    # By hand: candidates are the distinct items {2, 3, 5, 7}, each exactly once.
-    candidates = [2, 3, 5, 7]
+    pairs = [(r, t) for r, row in enumerate(rows) for t in range(first_query[r], len(row) - 1)]
+    batch_targets = sorted({rows[r][t + 1] for r, t in pairs})
+    assert batch_targets == [1, 2, 3, 4, 5, 11]
     with torch.no_grad():
-        keys = model.item_vectors(table[candidates], torch.tensor(candidates)).tolist()
-        expected, n = 0.0, 0
-        for row in rows:
-            outputs = model(torch.tensor([row]), table).outputs[0].tolist()
-            for t in range(len(row) - 1):
-                logits = [cosine(outputs[t], k) / 0.1 for k in keys]
-                expected += cross_entropy(logits, candidates.index(row[t + 1]))
-                n += 1
-    assert out["seq_item"] == pytest.approx(expected / n, rel=1e-5)
-    assert out["loss"].item() == pytest.approx(expected / n, rel=1e-5)
+        vectors = {i: model.item_vectors(table[[i]], torch.tensor([i]))[0].tolist() for i in batch_targets}
+        expected = 0.0
+        for r, t in pairs:
+            query = model(torch.tensor([rows[r]]), table).outputs[0, t].tolist()
+            target = rows[r][t + 1]
+            candidates = [i for i in batch_targets if i == target or i not in rows[r]]
+            logits = [cosine(query, vectors[i]) / tau for i in candidates]
+            expected += cross_entropy(logits, candidates.index(target))
+    assert out["queries"] == len(pairs) == 4 + 3 + 2
+    assert out["seq_item"] == pytest.approx(expected / len(pairs), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(expected / len(pairs), rel=1e-5)
 
 
 def test_filler_rows_change_nothing(model, tables):
