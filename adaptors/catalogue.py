@@ -6,16 +6,19 @@ A catalogue directory (format in docs/data-format.md)::
     items.parquet    index (1..C), key, text
     vectors.npy      (C+1, D) float32 text vectors, row 0 = padding (zeros)
 
-It starts as the fine-tuning domain's items (C = N). ``unisrec catalogue add`` appends items
-by encoding their text with the dataset's encoder: an inductive (text-only) model recommends
-them at once, without retraining. A transductive model gives them a zero item ID embedding
-(text only, so they are scored somewhat differently from trained items); SASRec has no text
-and never recommends them (their score is -inf).
+It starts as the fine-tuning domain's items (C = N). ``unisrec catalogue add``
+(serving/new_items.py) appends items by encoding their text with the dataset's encoder: an
+inductive (text-only) model recommends them at once, without retraining. A transductive
+model gives them a zero item ID embedding (text only, so they are scored somewhat
+differently from trained items); SASRec has no text and never recommends them (their score
+is -inf).
+
+Fine-tuning writes the catalogue and the registered pyfunc reads it, so it lives here, below
+serving/.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -124,73 +127,6 @@ def _replace(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
     write(tmp)
     tmp.replace(path)
-
-
-# --- adding items ----------------------------------------------------------------------
-
-
-def read_items_csv(path: str | Path) -> tuple[list[str], list[str]]:
-    """Read a CSV with columns ``item`` and ``text``; bad rows raise DataError(file, line, field)."""
-    path = Path(path)
-    keys: list[str] = []
-    texts: list[str] = []
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = {"item", "text"} - set(reader.fieldnames or [])
-        if missing:
-            raise DataError(
-                f"missing column(s) {sorted(missing)}", file=path, line=1, field=sorted(missing)[0]
-            )
-        for row in reader:
-            line = reader.line_num
-            for field in ("item", "text"):
-                if not (row.get(field) or "").strip():
-                    raise DataError("empty value", file=path, line=line, field=field)
-            if row["item"].strip() in keys:
-                raise DataError(
-                    f"item {row['item']!r} appears twice", file=path, line=line, field="item"
-                )
-            keys.append(row["item"].strip())
-            texts.append(row["text"].strip())
-    if not keys:
-        raise DataError("no items", file=path)
-    return keys, texts
-
-
-def encode_with_dataset_encoder(texts: list[str], encoder: dict) -> np.ndarray:
-    """``(M, D)`` float32 vectors from the encoder a catalogue's text vectors came from."""
-    from sharding.config import EncoderConfig
-    from sharding.encoding import encode_texts
-    from sharding.text_encoder import PACKAGED, PACKAGED_NAME
-
-    model = PACKAGED if encoder["name"] == PACKAGED_NAME else encoder["name"]
-    cfg = EncoderConfig(
-        model=model, pooling=encoder["pooling"], max_length=int(encoder["max_length"])
-    )
-    vectors, info = encode_texts(texts, cfg, progress=False)
-    if info.dim != int(encoder["dim"]):
-        raise ValueError(
-            f"encoder {encoder['name']!r} gives {info.dim}-d vectors, the catalogue holds {encoder['dim']}-d"
-        )
-    return vectors
-
-
-def add_items_from_csv(
-    directory: str | Path,
-    csv_path: str | Path,
-    encode: Callable[[list[str], dict], np.ndarray] = encode_with_dataset_encoder,
-) -> Catalogue:
-    """Append the items of ``csv_path`` to the catalogue in ``directory`` and save it."""
-    catalogue = Catalogue.load(directory)
-    keys, texts = read_items_csv(csv_path)
-    clash = [k for k in keys if k in catalogue]
-    if clash:
-        raise DataError(
-            f"item {clash[0]!r} is already in the catalogue", file=csv_path, field="item"
-        )
-    updated = catalogue.with_items(keys, texts, encode(texts, catalogue.encoder))
-    updated.save(directory)
-    return updated
 
 
 def write_domain_catalogue(directory: Path, dataset, domain: str) -> Path:

@@ -26,7 +26,7 @@ import pandas as pd
 
 from adaptors.bundle import AdaptorSpec, load_bundle, write_backbone
 from adaptors.catalogue import Catalogue
-from adaptors.serving import catalogue_item_vectors, parse_history, top_k
+from adaptors.topk import catalogue_item_vectors, parse_history, top_k
 from unisrec import tags as T
 from unisrec.errors import ConfigError
 

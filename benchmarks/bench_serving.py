@@ -37,9 +37,9 @@ def build_store(work: Path, items: int, users: int) -> str:
 
     from adaptors.config import FinetuneConfig
     from adaptors.finetune import run_finetune
-    from adaptors.lifecycle import promote
     from pretrain.model import BackboneConfig, UniSRec
     from pretrain.registry import register_backbone
+    from serving.lifecycle import promote
     from sharding.config import ProcessingConfig, ShardJobConfig, ShardOutputConfig
     from sharding.dataset_writer import EncodedDomain, write_dataset
     from sharding.types import DomainSequences
@@ -170,7 +170,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from adaptors.endpoint import EndpointConfig, start
+    from serving.endpoint import EndpointConfig, start
 
     work = Path(args.work)
     if work.exists():

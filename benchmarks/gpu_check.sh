@@ -29,7 +29,7 @@ domains = write_synthetic(work / "raw", seed=0, scale=3.0, num_sources=6)
 cfg = from_dict(ShardJobConfig, {"domains": domains, "encoder": {"device": "cuda", "batch_size": 512, "cache_dir": ""}})
 run_shard_job(cfg, work / "data", progress=False)
 PY
-"$PY" -m unisrec.cli pretrain benchmarks/configs/pretrain-shared.yaml \
+"$PY" -m recipes.cli pretrain benchmarks/configs/pretrain-shared.yaml \
   data.dir="$WORK/data" output_dir="$WORK/pretrain" mlflow.tracking_uri="sqlite:///$WORK/mlflow.db" \
   distributed.use_gpu=true distributed.precision=bf16 distributed.num_workers=1 \
   distributed.cpus_per_worker=4 data.batch_size=512 data.loader_workers=2 optim.max_steps=60 \

@@ -1,6 +1,6 @@
 """The cluster's ``unisrec`` sub-commands: ``submit``, ``mlflow-server``, ``deepspeed-preset``.
 
-``unisrec/cli.py`` adds them with ``register_commands(sub)``. Like the other commands, they
+``recipes/cli.py`` adds them with ``register_commands(sub)``. Like the other commands, they
 import Ray and MLflow only when they run.
 """
 
@@ -29,7 +29,7 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
         "everything after CONFIG is passed to the job.",
         epilog=f"DeepSpeed presets for --deepspeed: {presets} "
         "(`unisrec deepspeed-preset NAME` prints one). "
-        "Equivalent: ray job submit --address ADDR --working-dir . -- python -m unisrec.cli JOB CONFIG ARGS...",
+        "Equivalent: ray job submit --address ADDR --working-dir . -- python -m recipes.cli JOB CONFIG ARGS...",
     )
     p.add_argument(
         "--address",

@@ -8,7 +8,7 @@ does the same as Ray's own command line::
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . \\
         --runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI": "http://10.0.1.5:5000"}}' \\
-        -- python -m unisrec.cli pretrain benchmarks/configs/pretrain-shared.yaml \\
+        -- python -m recipes.cli pretrain benchmarks/configs/pretrain-shared.yaml \\
            data.dir=/mnt/shared/data --num-workers 4
 
 The address is the head node's dashboard. For a cluster made from ``ray_cluster.yaml``,
@@ -19,7 +19,7 @@ What travels with the job, and what does not:
 * The working directory (default: the current one) is zipped and uploaded; the job runs in a
   fresh copy of it on the head node. Ray leaves out ``.git``, ``.venv`` and whatever
   ``.gitignore`` lists; :data:`EXCLUDES` adds local run outputs. The entrypoint is
-  ``python -m unisrec.cli``, and Ray puts the copy first on ``PYTHONPATH``, so the job runs
+  ``python -m recipes.cli``, and Ray puts the copy first on ``PYTHONPATH``, so the job runs
   the code you submitted, whatever version of the package the nodes have installed.
 * CONFIG must lie inside the working directory: the job reads it there, by relative path.
 * Paths *inside* the config are read on the cluster. Point ``data.dir``, ``output_dir`` and
@@ -66,10 +66,10 @@ class JobSpec:
 
 
 def entrypoint(job: str, config: str, args: list[str] | tuple[str, ...] = ()) -> str:
-    """``python -m unisrec.cli JOB CONFIG ARGS...`` as one shell-quoted command line."""
+    """``python -m recipes.cli JOB CONFIG ARGS...`` as one shell-quoted command line."""
     if job not in SUBMITTABLE_JOBS:
         raise ValueError(f"job: must be one of {', '.join(SUBMITTABLE_JOBS)}, got {job!r}")
-    return shlex.join(["python", "-m", "unisrec.cli", job, config, *args])
+    return shlex.join(["python", "-m", "recipes.cli", job, config, *args])
 
 
 def runtime_env(

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from pretrain.worker import progress_line
-from unisrec.cli import STARTER_JOBS, main
+from recipes.cli import STARTER_JOBS, main
 from unisrec.config import load_config
 from unisrec.errors import ConfigError
 from unisrec.jobs import config_class

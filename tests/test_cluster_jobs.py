@@ -63,7 +63,7 @@ def test_job_spec_runs_the_cli_on_the_config_relative_to_the_uploaded_dir(tmp_pa
         tracking_uri="http://10.0.1.5:5000",
     )
     assert spec.entrypoint == (
-        "python -m unisrec.cli pretrain configs/pretrain.yaml "
+        "python -m recipes.cli pretrain configs/pretrain.yaml "
         "'data.dir=/mnt/shared/my data' --num-workers 4"
     )
     assert spec.runtime_env == {
@@ -339,7 +339,7 @@ def test_submit_command_runs_the_job_and_reports_its_failure(ray_head, tmp_path,
 
     printed = capsys.readouterr().out
     assert code == 1, printed
-    expected = "python -m unisrec.cli pretrain pretrain.yaml optim.lr=0.01 distributed.zero_stage=1 distributed.precision=fp32"
+    expected = "python -m recipes.cli pretrain pretrain.yaml optim.lr=0.01 distributed.zero_stage=1 distributed.precision=fp32"
     assert "Running entrypoint for job raysubmit_" in printed and expected in printed
     # The job found its config in the uploaded directory and failed on the missing dataset.
     assert str(missing / "manifest.json") in printed

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from recipes.cli import main
 from sharding.config import ShardJobConfig
-from unisrec.cli import main
 from unisrec.config import load_config
 from unisrec.errors import ConfigError
 

@@ -31,12 +31,12 @@ from adaptors.bundle import load_bundle
 from adaptors.catalogue import Catalogue
 from adaptors.config import FinetuneConfig
 from adaptors.finetune import run_finetune
-from adaptors.lifecycle import add_catalogue_version, alias_version, promote
-from adaptors.serving import top_k
+from adaptors.topk import top_k
 from pretrain.model import BackboneConfig, UniSRec
 from pretrain.registry import register_backbone
+from recipes.cli import main as cli
+from serving.lifecycle import add_catalogue_version, alias_version, promote
 from unisrec import tags as T
-from unisrec.cli import main as cli
 from unisrec.config import from_dict
 from unisrec.errors import ConfigError
 from unisrec.runtime import free_port
@@ -218,8 +218,8 @@ def test_readme_shows_the_tested_example_bodies():
 
 def test_example_items_exist_in_the_demo_data(tmp_path):
     """The README's item keys are items of the demo's synthetic data, full size and smoke."""
+    from recipes.demo import SMOKE, DemoConfig
     from sharding.synthetic import write_synthetic
-    from unisrec.demo import SMOKE, DemoConfig
 
     keys = set(EXAMPLE["recommend"]["history"])
     smoke_scale = float(
@@ -264,7 +264,7 @@ def endpoint(store):
     import ray
     from ray import serve
 
-    from adaptors.endpoint import EndpointConfig, start
+    from serving.endpoint import EndpointConfig, start
 
     url = start(
         EndpointConfig(

@@ -208,11 +208,11 @@ def test_tie_groups_of_the_kept_interactions_are_counted_with_the_policy():
 
 
 def test_the_manifest_and_data_stats_say_how_each_domain_ordered_its_ties(tmp_path, capsys):
+    from recipes.cli import main
     from sharding.config import ShardJobConfig
     from sharding.dataset import Dataset
     from sharding.dataset_writer import EncodedDomain, write_dataset
     from sharding.stats import format_stats
-    from unisrec.cli import main
 
     rows = TIED + [("v", "a", 1), ("v", "b", 2), ("v", "c", 3)]
     shuffled = build_sequences(make_log(rows), ProcessingConfig(kcore=0), tie_order="shuffle")

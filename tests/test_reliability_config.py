@@ -101,7 +101,7 @@ def test_defaults_and_sensible_values_still_load():
 
 
 def test_cli_reports_the_bad_value_as_one_error_line(tmp_path, capsys):
-    from unisrec.cli import main
+    from recipes.cli import main
 
     config = tmp_path / "pretrain.yaml"
     config.write_text("optim: {lr: 0.001}\n")

@@ -58,7 +58,7 @@ def test_the_rule_holds_for_tenants_of_a_multi_tenant_run(tmp_path):
 
 
 def test_cli_refuses_the_name_before_touching_mlflow(tmp_path, monkeypatch, capsys):
-    from unisrec.cli import main
+    from recipes.cli import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -95,7 +95,7 @@ def test_finetune_with_the_tracking_server_down_fails_fast_with_one_error_line(t
     env = {**os.environ, "MLFLOW_TRACKING_URI": url}
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "unisrec.cli", "finetune", str(config)],
+        [sys.executable, "-m", "recipes.cli", "finetune", str(config)],
         cwd=tmp_path,
         env=env,
         capture_output=True,

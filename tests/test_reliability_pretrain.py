@@ -179,7 +179,7 @@ def _truncate(path, keep: int = 700) -> None:
 def test_a_truncated_shard_is_named_before_any_worker_starts(tmp_path, capsys):
     import yaml
 
-    from unisrec.cli import main
+    from recipes.cli import main
     from unisrec.config import to_dict
 
     data = _dataset(tmp_path / "data")

@@ -12,11 +12,12 @@ import pytest
 from helpers_data import write_small_dataset
 
 from adaptors.bundle import load_bundle
-from adaptors.catalogue import Catalogue, add_items_from_csv, read_items_csv
-from adaptors.commands import register_commands
+from adaptors.catalogue import Catalogue
 from adaptors.config import FinetuneConfig
 from adaptors.finetune import run_finetune
-from adaptors.serving import top_k
+from adaptors.topk import top_k
+from serving.commands import register_commands
+from serving.new_items import add_items_from_csv, read_items_csv
 from unisrec.config import from_dict
 from unisrec.errors import DataError
 

@@ -11,7 +11,7 @@ JOB_CONFIGS = {
     "shard": "sharding.config:ShardJobConfig",
     "pretrain": "pretrain.config:PretrainConfig",
     "finetune": "adaptors.config:FinetuneConfig",
-    "demo": "unisrec.demo:DemoConfig",
+    "demo": "recipes.demo:DemoConfig",
     "experiment": "experiments.config:ExperimentConfig",
 }
 

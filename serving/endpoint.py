@@ -87,7 +87,7 @@ def parse_request(body: bytes, max_k: int) -> tuple[list[str], int]:
 
 def check_tenants(cfg: EndpointConfig) -> dict[str, str]:
     """``{tenant: version}`` the alias points at now; ConfigError naming the tenants without."""
-    from adaptors.lifecycle import alias_version
+    from serving.lifecycle import alias_version
 
     versions = {t: alias_version(T.adaptor_model_name(t), cfg.alias) for t in cfg.tenants}
     missing = [t for t, v in versions.items() if v is None]
@@ -138,7 +138,7 @@ def build_app(cfg: EndpointConfig):
             return recommender
 
         async def recommend(self, history: list[str], k: int) -> dict:
-            from adaptors.serving import top_k
+            from adaptors.topk import top_k
 
             recommender = await self.tenant_model(serve.get_multiplexed_model_id())
             catalogue = recommender.catalogue
@@ -185,7 +185,7 @@ def build_app(cfg: EndpointConfig):
                 )
             version, fetched = self.versions.get(tenant, (None, 0.0))
             if version is None or time.monotonic() - fetched > self.cfg.alias_refresh_s:
-                from adaptors.lifecycle import alias_version
+                from serving.lifecycle import alias_version
 
                 name = T.adaptor_model_name(tenant)
                 version = await asyncio.to_thread(alias_version, name, self.cfg.alias)

@@ -107,7 +107,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from unisrec.demo import SMOKE, run_demo
+    from recipes.demo import SMOKE, run_demo
 
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config and not Path(config).exists():  # `unisrec demo key=value`
@@ -238,8 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from adaptors.commands import register_commands as register_adaptor_commands
     from cluster.commands import register_commands as register_cluster_commands
+    from serving.commands import register_commands as register_serving_commands
 
     register_adaptor_commands(sub)
+    register_serving_commands(sub)
     register_cluster_commands(sub)
     return parser
 

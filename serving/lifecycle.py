@@ -103,8 +103,9 @@ def add_catalogue_version(
     the ``candidate``.
     """
     from adaptors.bundle import read_spec
-    from adaptors.catalogue import Catalogue, encode_with_dataset_encoder, read_items_csv
+    from adaptors.catalogue import Catalogue
     from adaptors.publish import load_adaptor, register_adaptor
+    from serving.new_items import encode_with_dataset_encoder, read_items_csv
     from unisrec.errors import DataError
 
     name = T.adaptor_model_name(tenant)

@@ -246,7 +246,7 @@ def _example_recommendations(
     """Top-k for one test user of each pretrained tenant, with item text."""
     from adaptors.bundle import load_bundle
     from adaptors.catalogue import Catalogue
-    from adaptors.serving import top_k
+    from adaptors.topk import top_k
     from sharding.dataset import Dataset
 
     ds = Dataset(out / "data")

@@ -1,0 +1,225 @@
+"""``unisrec recommend | catalogue add | promote | models list | serve``: the serving
+sub-commands, everything that happens to a tenant's adaptor after fine-tuning.
+
+``recipes/cli.py`` calls :func:`register_commands` with its sub-parsers. Heavy libraries are
+imported inside the command functions so ``unisrec --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from adaptors.commands import tenant_option
+
+DEFAULT_OUTPUT_ROOT = "runs/finetune"  # FinetuneConfig.output_root
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from adaptors.topk import parse_history, top_k
+    from unisrec.errors import ConfigError
+
+    out = Path(args.output_dir or Path(DEFAULT_OUTPUT_ROOT) / tenant_option(args.tenant))
+    model, spec, catalogue = _local_tenant(out, args.tenant, args.tracking_uri)
+    history = parse_history(args.history)
+    try:
+        recs = top_k(
+            model, spec, catalogue, [history], k=args.k, exclude_history=not args.keep_history
+        )
+    except KeyError as err:
+        raise ConfigError(f"--history: {err.args[0]}") from err
+    texts = dict(zip(catalogue.keys, catalogue.texts, strict=True))
+    for rank, (key, score) in enumerate(recs[0], start=1):
+        print(f"{rank:3d}  {score:9.4f}  {key}  {texts[key]}")
+    return 0
+
+
+def _local_tenant(out: Path, tenant: str, tracking_uri: str):
+    """Model, spec and catalogue from a tenant's fine-tune output; ConfigError if absent
+    (checked before the MLflow store, which holds the backbone, is opened)."""
+    from adaptors.bundle import SPEC_FILE, load_bundle
+    from adaptors.catalogue import META_FILE, Catalogue
+    from unisrec.errors import ConfigError
+    from unisrec.tracking import configure_mlflow
+
+    if not (out / "adaptor" / SPEC_FILE).is_file() or not (out / "catalogue" / META_FILE).is_file():
+        raise ConfigError(
+            f"--tenant {tenant}: no fine-tune output in {out} (run `unisrec finetune CONFIG.yaml "
+            f"tenant={tenant}` first, or point --output-dir at the tenant's output)"
+        )
+    configure_mlflow(tracking_uri)
+    model, spec = load_bundle(out / "adaptor")
+    return model, spec, Catalogue.load(out / "catalogue")
+
+
+def cmd_catalogue_add(args: argparse.Namespace) -> int:
+    from serving.lifecycle import add_catalogue_version
+    from unisrec.tracking import configure_mlflow
+
+    configure_mlflow(args.tracking_uri)
+    result = add_catalogue_version(tenant_option(args.tenant), args.file, version=args.version)
+    print(
+        f"{args.tenant}: added {result['added']} items to version {result['extends']}: "
+        f"{result['model']} version {result['version']} ({result['items']} items) is now "
+        f"{result['alias']}"
+    )
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from serving.lifecycle import promote
+    from unisrec.tracking import configure_mlflow
+
+    configure_mlflow(args.tracking_uri)
+    result = promote(tenant_option(args.tenant), args.version)
+    print(
+        f"{result['model']}: production -> version {result['version']} (was {result['previous']})"
+    )
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from serving.lifecycle import format_rows, model_rows
+    from unisrec.tracking import configure_mlflow
+
+    configure_mlflow(args.tracking_uri)
+    rows = model_rows(tenant_option(args.tenant) if args.tenant else None)
+    print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import sys
+    import time
+
+    from serving.endpoint import EndpointConfig, start
+
+    cfg = EndpointConfig(
+        tenants=[t.strip() for t in args.tenants.split(",") if t.strip()],
+        port=args.port,
+        replicas=args.replicas,
+        max_tenants_per_replica=args.max_tenants_per_replica,
+        alias_refresh_s=args.alias_refresh,
+        tracking_uri=args.tracking_uri,
+    )
+    url = start(cfg)
+    # `kill PID` (as a process supervisor stops it) also shuts the application down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print(
+        f"serving {', '.join(cfg.tenants)} ({cfg.alias}) at {url}/recommend/<tenant>; "
+        "Ctrl-C stops it.",
+        flush=True,
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+
+
+def register_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``recommend``, ``catalogue``, ``promote``, ``models`` and ``serve`` to ``unisrec``."""
+    p = sub.add_parser(
+        "recommend",
+        help="print a tenant's top-k items for a history of item keys",
+        description="Reads the tenant's output directory (adaptor/ and catalogue/) and, for a frozen "
+        "backbone, the backbone from the MLflow registry. Writes nothing; prints rank, score, item key "
+        "and text.",
+    )
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--history", required=True, help="item keys, oldest first: ITEM,ITEM,...")
+    p.add_argument("-k", type=int, default=10, help="how many items")
+    p.add_argument("--keep-history", action="store_true", help="allow items already in the history")
+    p.add_argument(
+        "--output-dir", help="the tenant's fine-tune output (default runs/finetune/<tenant>)"
+    )
+    p.add_argument(
+        "--tracking-uri",
+        default="",
+        help="MLflow store (default $MLFLOW_TRACKING_URI or ./mlflow.db)",
+    )
+    p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("catalogue", help="manage a tenant's item catalogue")
+    cat_sub = p.add_subparsers(dest="catalogue_command", required=True, metavar="SUBCOMMAND")
+    s = cat_sub.add_parser(
+        "add",
+        help="add items by text: registers a new adaptor version with the longer catalogue",
+        description="Reads FILE.csv (columns item,text), encodes the texts with the catalogue's text "
+        "encoder, and registers a new version of unisrec-adaptor-<tenant>: the weights of --version "
+        "(default: the production version) with the items appended, tagged unisrec.extends_version. "
+        "Extending production moves production to it, so `unisrec serve` picks it up without a "
+        "restart. A text-only (inductive) adaptor recommends the new items at once; a transductive "
+        "one gives them a zero ID embedding; SASRec cannot recommend them.",
+    )
+    s.add_argument("file", help="CSV with columns item,text")
+    s.add_argument("--tenant", required=True)
+    s.add_argument("--version", help="the version to extend (default: production)")
+    s.add_argument(
+        "--tracking-uri",
+        default="",
+        help="MLflow store (default $MLFLOW_TRACKING_URI or ./mlflow.db)",
+    )
+    s.set_defaults(func=cmd_catalogue_add)
+
+    p = sub.add_parser(
+        "promote",
+        help="point a tenant's production alias at a version (default: its candidate)",
+        description="Moves the alias production of unisrec-adaptor-<tenant> (what `unisrec serve` "
+        "serves) and tags the version with unisrec.promoted_by, unisrec.promoted_at and "
+        "unisrec.promoted_from. Roll back by promoting the previous version.",
+    )
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--version", help="version to promote (default: the candidate)")
+    p.add_argument(
+        "--tracking-uri",
+        default="",
+        help="MLflow store (default $MLFLOW_TRACKING_URI or ./mlflow.db)",
+    )
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("models", help="the registered adaptors")
+    models_sub = p.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
+    s = models_sub.add_parser(
+        "list",
+        help="tenants, versions, aliases and lineage (backbone, data digest, metrics)",
+        description="Reads the MLflow registry; prints one line per adaptor version, newest first.",
+    )
+    s.add_argument("--tenant", help="only this tenant")
+    s.add_argument("--json", action="store_true", help="print the rows as JSON")
+    s.add_argument(
+        "--tracking-uri",
+        default="",
+        help="MLflow store (default $MLFLOW_TRACKING_URI or ./mlflow.db)",
+    )
+    s.set_defaults(func=cmd_models_list)
+
+    p = sub.add_parser(
+        "serve",
+        help="one HTTP endpoint (Ray Serve, 127.0.0.1) for many tenants' production adaptors",
+        description="Starts a Ray Serve application on 127.0.0.1:PORT: POST /recommend/<tenant> with "
+        '{"history": [item keys], "k": 10} answers {"items": [{"key", "text", "score"}, ...]}. '
+        "Adaptors load on first use by the alias production (re-read every --alias-refresh "
+        "seconds) and share one copy of their backbone.",
+    )
+    p.add_argument("--tenants", required=True, help="comma-separated tenants to serve")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=1, help="model replicas")
+    p.add_argument(
+        "--max-tenants-per-replica", type=int, default=8, help="tenants loaded per replica (LRU)"
+    )
+    p.add_argument(
+        "--alias-refresh", type=float, default=5.0, help="seconds a resolved alias is trusted"
+    )
+    p.add_argument(
+        "--tracking-uri",
+        default="",
+        help="MLflow store (default $MLFLOW_TRACKING_URI or ./mlflow.db)",
+    )
+    p.set_defaults(func=cmd_serve)
