@@ -4,15 +4,20 @@ synthetic items, users and items scored in blocks (adaptors/evaluate.py).
     python benchmarks/bench_eval_scaling.py                      # 4,385 / 100k / 1M items
     python benchmarks/bench_eval_scaling.py --items 4385 100000 --users 512
 
-Each size runs in its own process (so peak RSS is that size's alone) on random 384-d text
-vectors, a 300-d UniSRec in eval mode and ``--users`` users with random 10-item histories.
-It times the steps of ``rank_split`` one by one (the adaptor over the catalogue, finding
-items of equal text, and the ranking: encode users, score, count), and reports memory as
-``peak RSS - RSS once the inputs exist``: the working memory of evaluation, which includes
-the ``(N+1, H)`` item vectors (``item_vectors_gib``; any method holds them) and nothing else
-that grows with N. ``--unblocked`` adds, for sizes up to 100k, the same ranking with one item
-block as large as the catalogue (how evaluation worked before: memory grows with users x
-items).
+Each size runs in its own process on random 384-d text vectors, a 300-d UniSRec in eval
+mode and ``--users`` users with random 10-item histories. It times the steps of
+``rank_split`` one by one (the adaptor over the catalogue, finding items of equal text, and
+the ranking: encode users, score, count), and reports memory as ``peak RSS - RSS once the
+inputs exist``: the working memory of evaluation. That includes the ``(N+1, H)`` item
+vectors (``item_vectors_gib``; any method holds them); what evaluation needs beyond them
+(``beyond_item_vectors_gib``) is what must stay flat as N grows. ``--unblocked`` adds, for
+sizes up to 100k, the same ranking with one item block as large as the catalogue (how
+evaluation worked before: memory grows with users x items).
+
+The peak is the process's own high-water mark (``VmHWM``), reset once the inputs exist
+(Linux ``/proc/self/clear_refs``), not ``ru_maxrss``: a child's ``ru_maxrss`` starts at its
+parent's peak (it survives fork and exec), so it shows a large parent's memory, not the
+evaluation's. Without ``/proc`` it falls back to ``ru_maxrss`` (``peak_source`` says which).
 Writes benchmarks/results/eval_scaling.json.
 """
 
@@ -27,7 +32,29 @@ import sys
 import time
 from pathlib import Path
 
+from machine_load import LoadAverage
+
 REPO = Path(__file__).resolve().parents[1]
+STATUS = Path("/proc/self/status")
+
+
+def reset_peak_rss() -> str:
+    """Start a new high-water mark at the current RSS; returns how the peak will be read."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS (Linux >= 4.0)
+        return "VmHWM"
+    except OSError:
+        return "ru_maxrss"
+
+
+def peak_rss(source: str) -> int:
+    """Peak resident bytes: since :func:`reset_peak_rss` (VmHWM), or of the process."""
+    if source == "VmHWM":
+        for line in STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def one_size(items: int, users: int, batch_size: int, item_block: int, threads: int) -> dict:
@@ -53,6 +80,7 @@ def one_size(items: int, users: int, batch_size: int, item_block: int, threads: 
     lengths = torch.full((users,), 10)
     targets = torch.randint(1, items + 1, (users,))
     inputs_rss = psutil.Process().memory_info().rss
+    source = reset_peak_rss()
 
     # The steps of adaptors.evaluate.rank_split, timed one by one.
     with torch.no_grad():
@@ -72,7 +100,7 @@ def one_size(items: int, users: int, batch_size: int, item_block: int, threads: 
             greater.append(ranks.greater)
             ties.append(ranks.ties)
         ranking_seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = max(peak_rss(source), inputs_rss)
     ranks = Ranks(torch.cat(greater), torch.cat(ties))
     return {
         "items": items,
@@ -82,16 +110,19 @@ def one_size(items: int, users: int, batch_size: int, item_block: int, threads: 
         "adaptor_seconds": round(adaptor_seconds, 2),
         "twin_seconds": round(twin_seconds, 2),
         "ranking_seconds": round(ranking_seconds, 2),  # encode users, score, count
+        "total_seconds": round(adaptor_seconds + twin_seconds + ranking_seconds, 2),
         "item_user_pairs_per_s": round(items * users / ranking_seconds),
         "inputs_rss_gib": round(inputs_rss / 2**30, 3),
         "item_vectors_gib": round(vectors.numel() * 4 / 2**30, 3),
         "peak_rss_gib": round(peak / 2**30, 3),
         "working_memory_gib": round((peak - inputs_rss) / 2**30, 3),
+        "beyond_item_vectors_gib": round((peak - inputs_rss - vectors.numel() * 4) / 2**30, 3),
+        "peak_source": source,
         "recall@10": metrics_from_ranks(ranks, [10])["recall@10"],
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--items", type=int, nargs="+", default=[4385, 100_000, 1_000_000])
     parser.add_argument("--users", type=int, default=1024)
@@ -101,7 +132,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--one", type=json.loads, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/eval_scaling.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(one_size(**args.one)))
         return
@@ -120,6 +151,7 @@ def main() -> None:
         print(json.dumps(row))
         return row
 
+    load = LoadAverage()
     rows = []
     for items in args.items:
         rows.append({"method": "blocked", **run(items, args.batch_size, args.item_block)})
@@ -129,7 +161,7 @@ def main() -> None:
         "rows": rows,
         "threads": args.threads,
         "cpu_count": os.cpu_count(),
-        "load_average_1min": round(os.getloadavg()[0], 2),
+        "load": load.record(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2), encoding="utf-8")

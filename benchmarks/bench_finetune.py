@@ -29,11 +29,18 @@ import time
 from pathlib import Path
 
 import torch
+from machine_load import LoadAverage
 from roofline import ShapeRecorder, gemm_seconds, square_gemm_gflops
 
 from adaptors.config import FinetuneConfig
 from adaptors.evaluate import load_eval_data, rank_split
-from adaptors.finetune import load_windows, make_optimizer, prepare_model, train_epoch
+from adaptors.finetune import (
+    TrainingWindows,
+    load_windows,
+    make_optimizer,
+    prepare_model,
+    train_epoch,
+)
 from pretrain.flops import total_flops
 from sharding.dataset import Dataset
 from unisrec.config import from_dict
@@ -41,7 +48,7 @@ from unisrec.config import from_dict
 REPO = Path(__file__).resolve().parents[1]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default="runs/shared-data", help="dataset directory")
     parser.add_argument("--domain", default="scientific")
@@ -49,7 +56,7 @@ def main() -> None:
     parser.add_argument("--baseline", choices=["unisrec", "sasrec"], default="unisrec")
     parser.add_argument("--backbone", default="none", help="none or a models:/ URI")
     parser.add_argument("--hidden-size", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=256, help="training windows per step")
+    parser.add_argument("--batch-size", type=int, default=256, help="optim.batch_size of a step")
     parser.add_argument("--eval-batch-size", type=int, default=1024, help="users per scoring block")
     parser.add_argument("--item-block", type=int, default=16384, help="items per scoring block")
     parser.add_argument("--epochs", type=int, default=2)
@@ -59,8 +66,12 @@ def main() -> None:
     parser.add_argument(
         "--profile-steps", type=int, default=0, help="torch.profiler table of this many steps"
     )
+    parser.add_argument(
+        "--square-size", type=int, default=2048, help="side of the square product timed alone"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/finetune.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    load = LoadAverage()
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,12 +130,12 @@ def main() -> None:
     # The matmul peak, measured now: the same products as plain fp32 torch.mm calls.
     train_peak_seconds = gemm_seconds(train_gemms, device=str(device))
     eval_peak_seconds = gemm_seconds(eval_gemms, device=str(device))
-    square_gflops = square_gemm_gflops(device=str(device))
+    square_gflops = square_gemm_gflops(args.square_size, device=str(device))
     profile = profile_steps(model, windows, data, optimizer, cfg, args.profile_steps)
     mean_epoch = sum(epoch_seconds) / len(epoch_seconds) if epoch_seconds else 0.0
     last_epoch = epoch_seconds[-1] if epoch_seconds else 0.0
     train_flops, eval_flops = total_flops(train_gemms), total_flops(eval_gemms)
-    targets = int((windows[:, 1:] > 0).sum())
+    targets = int((windows.targets > 0).sum())
     result = {
         "data_dir": str(Path(args.data_dir).resolve()),
         "domain": args.domain,
@@ -157,13 +168,14 @@ def main() -> None:
         "eval_achieved_gflops": round(eval_flops / eval_seconds / 1e9, 2),
         "eval_matmul_peak_gflops": round(eval_flops / eval_peak_seconds / 1e9, 2),
         "eval_roofline_fraction": round(eval_peak_seconds / eval_seconds, 3),
-        "square_2048_gemm_gflops": round(square_gflops, 2),
-        "load_average_1min": round(os.getloadavg()[0], 2),
+        "square_size": args.square_size,
+        "square_gemm_gflops": round(square_gflops, 2),
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "load": load.record(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2), encoding="utf-8")
@@ -174,14 +186,20 @@ def main() -> None:
         print(profile)
 
 
-def profile_steps(model, windows, data, optimizer, cfg: FinetuneConfig, steps: int) -> str:
-    """torch.profiler's top ops (by own CPU time) over ``steps`` training steps; "" if 0."""
+def profile_steps(
+    model, windows: TrainingWindows, data, optimizer, cfg: FinetuneConfig, steps: int
+) -> str:
+    """torch.profiler's top ops (by own CPU time) over about ``steps`` training steps of
+    ``optim.batch_size`` next-item targets (random windows); "" if 0."""
     if steps <= 0:
         return ""
     from torch.profiler import ProfilerActivity, profile
 
-    short = torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))
-    subset = windows[short[: steps * cfg.optim.batch_size]]
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))
+    counts = (windows.targets[order] > 0).sum(dim=1)
+    before = counts.cumsum(0) - counts  # targets ahead of each window in this order
+    short = order[before < steps * cfg.optim.batch_size]
+    subset = TrainingWindows(windows.inputs[short], windows.targets[short])
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         train_epoch(model, subset, data.text_table, optimizer, cfg, epoch=0)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)

@@ -2,6 +2,7 @@
 against the naive one (every prefix its own padded sample, adaptor on every position).
 
     python benchmarks/bench_pretrain.py --data runs/shared-data [--steps 30] [--skip-ray]
+    python benchmarks/bench_pretrain.py --data D --ray-workers 1 --work /tmp/w --out F.json
 
 Rates are sequences/s, non-padding tokens/s and next-item targets/s (the seq-item loss's
 queries: every prefix with a next item; the official code's "training pairs"). For the
@@ -9,8 +10,8 @@ in-process formulations also the roofline: the matrix products of the timed step
 with their shapes on an untimed replay of the same batches, over the time plain fp32
 products of the same shapes take here in the same run (benchmarks/roofline.py).
 
-Writes benchmarks/results/pretrain.json. Numbers compared with each other come from the same
-run on the same machine.
+Writes benchmarks/results/pretrain.json (or --out). Numbers compared with each other come
+from the same run on the same machine.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine_load import LoadAverage
 from roofline import gemm_seconds
 
 from pretrain.flops import Gemm
@@ -42,11 +44,12 @@ RESULTS = Path(__file__).parent / "results" / "pretrain.json"
 
 
 def formulation_throughput(
-    data: Path, loss_fn, steps: int, batch_size: int, warmup: int = 2
+    data: Path, loss_fn, steps: int, batch_size: int, hidden_size: int, warmup: int = 2
 ) -> dict:
     """Train ``steps`` steps in one process; sequences, non-padding tokens and next-item
     targets per second, and the roofline of the timed steps."""
     cfg = PretrainConfig()
+    cfg.model.hidden_size = hidden_size
     ds = Dataset(data)
     table = torch.from_numpy(ds.global_embeddings())
     worddrop = torch.from_numpy(ds.global_embeddings(worddrop=True))
@@ -120,7 +123,9 @@ def replay_gemms(step, timed: list) -> list[Gemm]:
     return gemms
 
 
-def ray_throughput(data: Path, workers: int, steps: int, batch_size: int, out: Path) -> dict:
+def ray_throughput(
+    data: Path, workers: int, steps: int, batch_size: int, hidden_size: int, out: Path
+) -> dict:
     from pretrain.job import run_pretrain
 
     cfg = load_config(
@@ -129,6 +134,7 @@ def ray_throughput(data: Path, workers: int, steps: int, batch_size: int, out: P
         [
             f"data.dir={data}",
             f"data.batch_size={batch_size}",
+            f"model.hidden_size={hidden_size}",
             f"distributed.num_workers={workers}",
             f"distributed.cpus_per_worker={2 // workers}",
             "distributed.zero_stage=2",
@@ -153,19 +159,27 @@ def ray_throughput(data: Path, workers: int, steps: int, batch_size: int, out: P
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("runs/shared-data"))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--hidden-size", type=int, default=300)
     parser.add_argument("--skip-ray", action="store_true", help="only the formulation comparison")
+    parser.add_argument(
+        "--ray-workers", type=int, nargs="+", default=[1, 2], choices=[1, 2], help="Ray Train runs"
+    )
     parser.add_argument("--work", type=Path, default=Path("runs/bench-pretrain"))
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
 
+    load = LoadAverage()
     torch.set_num_threads(2)
-    efficient = formulation_throughput(args.data, pretrain_loss, args.steps, args.batch_size)
+    efficient = formulation_throughput(
+        args.data, pretrain_loss, args.steps, args.batch_size, args.hidden_size
+    )
     naive = formulation_throughput(
-        args.data, naive_pretrain_loss, max(args.steps // 4, 3), args.batch_size
+        args.data, naive_pretrain_loss, max(args.steps // 4, 3), args.batch_size, args.hidden_size
     )
     results = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -178,15 +192,23 @@ def main() -> None:
         },
     }
     if not args.skip_ray:
-        one = ray_throughput(args.data, 1, args.steps, args.batch_size, args.work)
-        two = ray_throughput(args.data, 2, args.steps, args.batch_size, args.work)
-        results["ray_train"] = {
-            "1_worker": one,
-            "2_workers": two,
-            "ratio_2_over_1": two["sequences_per_second"] / one["sequences_per_second"],
+        runs = {
+            workers: ray_throughput(
+                args.data, workers, args.steps, args.batch_size, args.hidden_size, args.work
+            )
+            for workers in args.ray_workers
         }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
+        results["ray_train"] = {
+            ("1_worker" if workers == 1 else f"{workers}_workers"): run
+            for workers, run in runs.items()
+        }
+        if 1 in runs and 2 in runs:
+            results["ray_train"]["ratio_2_over_1"] = (
+                runs[2]["sequences_per_second"] / runs[1]["sequences_per_second"]
+            )
+    results["load"] = load.record()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 
 

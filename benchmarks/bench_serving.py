@@ -8,7 +8,7 @@ Builds a throw-away MLflow store under --work: a backbone of the paper's shape (
 depend on training). Then for each replica count it starts the Ray Serve application on
 127.0.0.1, warms both tenants up, and runs --clients closed-loop HTTP clients (keep-alive,
 alternating tenants, histories of 5-20 random items, k=10) for --seconds. Writes
-benchmarks/results/serving.json.
+benchmarks/results/serving.json (or --out).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine_load import LoadAverage
 
 from unisrec.runtime import free_port, use_loopback
 
@@ -157,7 +158,7 @@ def load_test(port: int, items: int, seconds: float, clients: int) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default="/tmp/unisrec-bench-serving")
     parser.add_argument("--items", type=int, default=2000)
@@ -165,7 +166,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
     use_loopback()
     import ray
     from ray import serve
@@ -180,7 +182,7 @@ def main() -> None:
     work.mkdir(parents=True)
     uri = build_store(work, args.items, args.users)
     results = []
-    load_before = os.getloadavg()
+    load = LoadAverage()
     for replicas in args.replicas:
         port = free_port()
         cfg = EndpointConfig(tenants=list(TENANTS), port=port, replicas=replicas, tracking_uri=uri)
@@ -201,8 +203,8 @@ def main() -> None:
         ray.shutdown()
     report = {
         "machine": f"{os.cpu_count()} cores, {platform.machine()}, CPU only",
-        # The development machine is shared: the 1-minute load average before and after.
-        "load_average": [round(load_before[0], 1), round(os.getloadavg()[0], 1)],
+        # The development machine is shared: the load average around the load tests.
+        "load": load.record(),
         "setup": {
             "tenants": len(TENANTS),
             "items_per_tenant": args.items,
@@ -215,8 +217,9 @@ def main() -> None:
         },
         "results": results,
     }
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 
 Re-writes the pretraining shards of ``--data`` into a scratch directory (same samples, same
 shard count), then streams them back as padded batches with 0 and 2 loader workers.
-Writes benchmarks/results/sharding.json.
+Writes benchmarks/results/sharding.json (or --out).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine_load import LoadAverage
+
 from sharding.dataset import Dataset
 from sharding.pretrain_shards import pretraining_samples, write_shards
 from sharding.stream import ShardSpec, ShardStream
@@ -22,12 +24,14 @@ from sharding.stream import ShardSpec, ShardStream
 RESULTS = Path(__file__).parent / "results" / "sharding.json"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("runs/shared-data"))
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    load = LoadAverage()
 
     ds = Dataset(args.data)
     domains = [
@@ -71,8 +75,9 @@ def main() -> None:
                 "sequences_per_second": len(samples) / elapsed,
             }
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
+    results["load"] = load.record()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 
 

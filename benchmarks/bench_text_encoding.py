@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine_load import LoadAverage
 
 from sharding.text_encoder import TextEncoder
 
@@ -45,14 +46,15 @@ def timed_encode(encoder: TextEncoder, texts: list[str]) -> tuple[np.ndarray, fl
     return vectors, time.perf_counter() - started
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1000, help="item texts to encode")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/text_encoding.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
+    load = LoadAverage()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     data_root = Path(os.environ.get("UNISREC_DATA_ROOT", REPO.parent / "shared/data"))
     texts = read_item_texts(data_root / "amazon-scientific/Scientific.text", args.n)
@@ -79,6 +81,7 @@ def main() -> None:
         "speedup": round(runs["bucketed"]["items_per_s"] / runs["unbucketed"]["items_per_s"], 2),
         # Bucketing must only reorder work, never change a vector.
         "max_abs_diff": float(np.abs(vectors["bucketed"] - vectors["unbucketed"]).max()),
+        "load": load.record(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -9,14 +9,23 @@ machine does those same products alone.
 
 The peak is measured in the same run, shape by shape, so a small product's lower speed counts
 against the peak, not against the run; on a shared machine both sides see the same load.
+
+Run alone, it measures the machine's plain fp32 matmul rate (one large square product), a
+quick look at how busy a shared machine is before timing anything on it::
+
+    python benchmarks/roofline.py [--size 2048] [--device cuda]  # -> results/matmul.json
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
+from machine_load import LoadAverage
 
 from pretrain.flops import Gemm, adaptor_gemms, encoder_gemms, score_gemms
 from pretrain.model import SequenceRecommender
@@ -100,3 +109,32 @@ def square_gemm_gflops(size: int = 2048, repeats: int = 5, device: str = "cpu") 
     """GFLOP/s of one large square fp32 product: the machine's plain matmul rate."""
     seconds = gemm_seconds([Gemm(size, size, size)], repeats, device)
     return 2 * size**3 / seconds / 1e9
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="The machine's plain fp32 matmul rate.")
+    parser.add_argument("--size", type=int, default=2048, help="side of the square product")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "matmul.json"
+    )
+    args = parser.parse_args(argv)
+    load = LoadAverage()
+    gflops = square_gemm_gflops(args.size, args.repeats, args.device)
+    result = {
+        "size": args.size,
+        "repeats": args.repeats,
+        "device": args.device,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "square_gemm_gflops": round(gflops, 2),
+        "load": load.record(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"fp32 {args.size}^3 product on {args.device}: {gflops:.1f} GFLOP/s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
