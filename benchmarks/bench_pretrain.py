@@ -44,10 +44,18 @@ RESULTS = Path(__file__).parent / "results" / "pretrain.json"
 
 
 def formulation_throughput(
-    data: Path, loss_fn, steps: int, batch_size: int, hidden_size: int, warmup: int = 2
+    data: Path,
+    loss_fn,
+    steps: int,
+    batch_size: int,
+    hidden_size: int,
+    warmup: int = 2,
+    bucket_batches: int = 0,
+    roofline: bool = True,
 ) -> dict:
     """Train ``steps`` steps in one process; sequences, non-padding tokens and next-item
-    targets per second, and the roofline of the timed steps."""
+    targets per second, padded positions, and (``roofline``) the roofline of the timed
+    steps. ``bucket_batches``: the stream's length buckets (0 = plain shuffled batches)."""
     cfg = PretrainConfig()
     cfg.model.hidden_size = hidden_size
     ds = Dataset(data)
@@ -56,8 +64,10 @@ def formulation_throughput(
     torch.manual_seed(0)
     model = UniSRec(cfg.model, text_dim=ds.encoder_dim)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    stream = ShardStream(ds.shard_specs(), batch_size=batch_size, seed=0)
-    sequences = tokens = targets = 0
+    stream = ShardStream(
+        ds.shard_specs(), batch_size=batch_size, seed=0, bucket_batches=bucket_batches
+    )
+    sequences = tokens = targets = padded = 0
     elapsed = 0.0
     timed = []
 
@@ -79,18 +89,28 @@ def formulation_throughput(
             elapsed += time.perf_counter() - start
             sequences += int((batch["lengths"] > 0).sum())
             tokens += int(batch["lengths"].sum())
-            targets += int((batch["lengths"] - 1).clamp(min=0).sum())
+            # The queries: positions past a window's history-only part with a next item.
+            queries = batch["lengths"] - 1 - batch["first_query"]
+            targets += int(queries.clamp(min=0).sum())
+            padded += int(batch["items"].shape[1] * (batch["lengths"] > 0).sum())
             timed.append((index, batch))
-    gemms = replay_gemms(step, timed)
-    flops = sum(g.flops for g in gemms)
-    peak_seconds = gemm_seconds(gemms)
-    return {
+    rates = {
         "steps": steps,
         "batch_size": batch_size,
+        "bucket_batches": bucket_batches,
         "seconds": elapsed,
         "sequences_per_second": sequences / elapsed,
         "tokens_per_second": tokens / elapsed,
         "targets_per_second": targets / elapsed,
+        "padding_fraction": 1 - tokens / max(padded, 1),  # of the positions the encoder ran
+    }
+    if not roofline:
+        return rates
+    gemms = replay_gemms(step, timed)
+    flops = sum(g.flops for g in gemms)
+    peak_seconds = gemm_seconds(gemms)
+    return {
+        **rates,
         "gflop": flops / 1e9,
         "achieved_gflops": flops / elapsed / 1e9,
         "matmul_peak_gflops": flops / peak_seconds / 1e9,

@@ -43,7 +43,7 @@ class FinetuneCell:
 @dataclass
 class ReportSpec:
     """One table or figure. Test metrics of the best-valid state, mean ± std over seeds, at
-    training fraction 1.0 unless the kind is ``fractions``.
+    training fraction ``fraction`` (every fraction for the kind ``fractions``).
 
     kinds: ``table`` (rows = cells, columns = metrics); ``bars`` (a bar per cell and metric,
     PNG); ``popularity`` (Recall@K of each cell minus the ``baseline`` cell's, per target
@@ -58,6 +58,7 @@ class ReportSpec:
     title: str = ""
     metrics: list[str] = field(default_factory=lambda: ["recall@10", "ndcg@10"])
     baseline: str = ""  # popularity: the cell improvements are measured against
+    fraction: float = 1.0  # the training-user fraction a table, bars or popularity report reads
 
 
 @dataclass
@@ -111,6 +112,8 @@ class ExperimentConfig:
                 raise ConfigError(f"reports.{report.name}: unknown cells {missing}")
             if report.labels and len(report.labels) != len(report.cells):
                 raise ConfigError(f"reports.{report.name}: labels must match cells one to one")
+            if not 0 < report.fraction <= 1:
+                raise ConfigError(f"reports.{report.name}.fraction: need a value in (0, 1]")
             if report.kind == "popularity" and not report.baseline:
                 raise ConfigError(f"reports.{report.name}: popularity needs a baseline cell")
         if not self.seeds:

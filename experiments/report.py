@@ -53,7 +53,7 @@ def _labels(spec: ReportSpec) -> list[str]:
 
 
 def table(spec: ReportSpec, results: dict) -> tuple[str, dict]:
-    rows = {cell: cell_metrics(results, cell, spec.metrics) for cell in spec.cells}
+    rows = {cell: cell_metrics(results, cell, spec.metrics, spec.fraction) for cell in spec.cells}
     lines = [
         f"| cell | {' | '.join(spec.metrics)} | best epochs | epochs run | minutes |",
         "|---" * (len(spec.metrics) + 4) + "|",
@@ -108,7 +108,7 @@ def popularity(spec: ReportSpec, results: dict, png: Path) -> tuple[str, dict]:
     """Per target-popularity group: mean Recall@K of each cell minus the baseline's (in %)."""
 
     def groups(cell: str) -> list[list[dict]]:
-        return [r["test_by_popularity"] for r in runs_of(results, cell)]
+        return [r["test_by_popularity"] for r in runs_of(results, cell, spec.fraction)]
 
     base = groups(spec.baseline)
     if not base:
@@ -225,12 +225,14 @@ def write_reports(cfg: ExperimentConfig, results: dict, report_dir: Path) -> lis
     sections = [f"# Experiment {cfg.name}: target {cfg.target}, seeds {cfg.seeds}\n"]
     for spec in cfg.reports:
         png = report_dir / f"{spec.name}.png"
+        png.unlink(missing_ok=True)  # a figure from an earlier invocation is not this one's
         if spec.kind == "table":
             text, rows = table(spec, results)
         else:
             text, rows = {"bars": bars, "popularity": popularity, "fractions": fractions,
                           "heldout": heldout}[spec.kind](spec, results, png)  # fmt: skip
-            written.append(png)
+            if png.exists():  # nothing finished yet to plot (e.g. no baseline run): no figure
+                written.append(png)
         md = report_dir / f"{spec.name}.md"
         md.write_text(f"## {spec.title or spec.name}\n\n{text}\n")
         data = report_dir / f"{spec.name}.json"

@@ -66,6 +66,9 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 disables
     epochs: int = 10
     max_steps: int = 0  # stop after this many steps (0 = run all epochs)
+    # stop at an epoch end whose held-out loss is less than this fraction below the previous
+    # epoch end's (0 = run all epochs; needs held-out shards)
+    min_heldout_gain: float = 0.0
 
     def validate(self) -> None:
         check_range("lr", self.lr, 0, low_open=True)
@@ -74,6 +77,7 @@ class OptimConfig:
         check_range("grad_clip", self.grad_clip, 0)
         check_range("epochs", self.epochs, 1)
         check_range("max_steps", self.max_steps, 0)
+        check_range("min_heldout_gain", self.min_heldout_gain, 0, 1)
 
 
 @dataclass
@@ -86,6 +90,9 @@ class DistributedConfig:
     checkpoint_every: int = 50  # steps between checkpoints (also at each epoch end)
     keep_checkpoints: int = 2
     max_failures: int = 3  # worker-group restarts after a failure (-1: no limit)
+    # A DeepSpeed JSON of your own, merged over the zero_stage/precision preset: its ZeRO
+    # section and bf16 win; batch sizes and clipping stay the platform's (docs/operations.md).
+    deepspeed_config: str = ""
     ray_address: str = ""  # "" = $RAY_ADDRESS or a local loopback Ray
     storage_path: str = ""  # Ray Train storage (checkpoints); "" = <output_dir>/ray
 

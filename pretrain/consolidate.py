@@ -14,14 +14,17 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tenso
 
     Stage 0 checkpoints hold the whole module in ``mp_rank_00_model_states.pt``; stages 1-3
     keep fp32 weights in per-rank optimizer shards, merged by DeepSpeed's zero_to_fp32.
+    Stage 3 names its module files per rank (``zero_pp_rank_0_mp_rank_00_model_states.pt``).
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     checkpoint_dir = Path(checkpoint_dir)
-    module_file = checkpoint_dir / DS_TAG / "mp_rank_00_model_states.pt"
     if not (checkpoint_dir / DS_TAG).is_dir():
         raise FileNotFoundError(f"{checkpoint_dir}: no DeepSpeed checkpoint tagged {DS_TAG!r}")
-    states = torch.load(module_file, map_location="cpu", weights_only=False)
+    module_files = sorted((checkpoint_dir / DS_TAG).glob("*mp_rank_00_model_states.pt"))
+    if not module_files:
+        raise FileNotFoundError(f"{checkpoint_dir / DS_TAG}: no model states file")
+    states = torch.load(module_files[0], map_location="cpu", weights_only=False)
     if not states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0):
         return {k: v.float() for k, v in states["module"].items()}
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DS_TAG)

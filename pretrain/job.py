@@ -59,7 +59,7 @@ def _run_pretrain(cfg: PretrainConfig, resume: bool, opened: dict[str, str]) -> 
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pretrain.worker import train_loop_per_worker
+    from pretrain.worker import deepspeed_config, train_loop_per_worker
     from unisrec.runtime import ensure_ray, verbose
 
     out = Path(cfg.output_dir).resolve()
@@ -74,6 +74,7 @@ def _run_pretrain(cfg: PretrainConfig, resume: bool, opened: dict[str, str]) -> 
     )
     dataset = Dataset(cfg.data.dir)
     dataset.shard_specs(cfg.data.shard_base or None, cfg.data.domains)  # fail here, not in workers
+    ds_config = deepspeed_config(cfg)  # a user's DeepSpeed file is read (and checked) here
     dataset.check_shards(cfg.data.shard_base or None)  # a truncated shard: named, before Ray
 
     # 1. The MLflow run (the same one again on --resume).
@@ -99,6 +100,7 @@ def _run_pretrain(cfg: PretrainConfig, resume: bool, opened: dict[str, str]) -> 
             )
             log_mlflow_input(dataset, context="pretraining")
             mlflow.log_dict(dataset.manifest, "dataset_manifest.json")
+            mlflow.log_dict(ds_config, "deepspeed_config.json")
     (out / RUN_STATE).write_text(json.dumps({"run_id": run_id, "ray_run_name": run_name}))
     opened.update(run_id=run_id, tracking_uri=cfg.mlflow.tracking_uri)
     MlflowClient().update_run(run_id, status="RUNNING")  # until it finishes, fails or is killed
@@ -119,7 +121,7 @@ def _run_pretrain(cfg: PretrainConfig, resume: bool, opened: dict[str, str]) -> 
     def make_trainer() -> TorchTrainer:
         return TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"cfg": to_dict(cfg), "mlflow_run_id": run_id},
+            train_loop_config={"cfg": to_dict(cfg), "mlflow_run_id": run_id, "deepspeed": ds_config},
             scaling_config=ScalingConfig(
                 num_workers=cfg.distributed.num_workers,
                 use_gpu=cfg.distributed.use_gpu,
@@ -177,6 +179,8 @@ def _run_pretrain(cfg: PretrainConfig, resume: bool, opened: dict[str, str]) -> 
         "model_uri": f"models:/{cfg.mlflow.registered_model}@{cfg.mlflow.alias}",
         "tracking_uri": cfg.mlflow.tracking_uri,
         "steps": final_metrics.get("step"),
+        "stopped_on_plateau": bool(final_metrics.get("plateau", False)),
+        "resumed_from_step": final_metrics.get("started_at_step", 0),  # of the last start
         "samples_seen": final_metrics.get("samples_seen"),
         "wall_seconds": wall,
         # Training throughput (mean over logged windows; excludes Ray and DeepSpeed start-up).
@@ -193,7 +197,7 @@ def _run_pretrain(cfg: PretrainConfig, resume: bool, opened: dict[str, str]) -> 
         "best_heldout": best,  # step, epoch, heldout_loss (+ per domain) of the registered one
         "heldout_history": _metric_history(run_id, "heldout_loss"),
         "num_workers": cfg.distributed.num_workers,
-        "zero_stage": cfg.distributed.zero_stage,
+        "zero_stage": ds_config["zero_optimization"]["stage"],
     }
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metric("wall_seconds", wall)
@@ -247,10 +251,12 @@ def _deterministic_error(err: Exception) -> Exception | None:
 
 def _best_checkpoint(result):
     """The kept checkpoint with the lowest finite held-out loss, else the final one."""
+    from pretrain.worker import NO_HELDOUT_SCORE
+
     scored = [
         (metrics["heldout_score"], checkpoint)
         for checkpoint, metrics in (result.best_checkpoints or [])
-        if metrics.get("heldout_score", float("inf")) < float("inf")
+        if metrics.get("heldout_score", NO_HELDOUT_SCORE) < NO_HELDOUT_SCORE
     ]
     return min(scored, key=lambda pair: pair[0])[1] if scored else result.checkpoint
 

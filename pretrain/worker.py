@@ -26,15 +26,29 @@ from unisrec.config import from_dict
 STATE_FILE = "train_state.json"
 
 
-def deepspeed_config(cfg: PretrainConfig) -> dict:
-    """The DeepSpeed config for ``cfg`` (optimizer and scheduler are client objects)."""
-    from pretrain.deepspeed_presets import deepspeed_config as preset_config
+# The held-out score of a checkpoint saved without a held-out loss. Finite: Ray Train keeps
+# checkpoint metrics as JSON, where infinity comes back as null, and a resumed run then fails
+# to rank its checkpoints ("unsupported operand type(s) for *: 'float' and 'NoneType'").
+NO_HELDOUT_SCORE = 1e30
 
-    return preset_config(
+
+def deepspeed_config(cfg: PretrainConfig) -> dict:
+    """The DeepSpeed config for ``cfg`` (optimizer and scheduler are client objects): the
+    preset of ``distributed.zero_stage``/``precision``, with the user's own JSON
+    (``distributed.deepspeed_config``) merged over it when one is named."""
+    from pretrain.deepspeed_presets import deepspeed_config as preset_config
+    from pretrain.deepspeed_presets import read_user_config
+
+    platform = preset_config(
         cfg.distributed.zero_stage,
         cfg.distributed.precision,
         cfg.data.batch_size,
         cfg.optim.grad_clip,
+    )
+    if not cfg.distributed.deepspeed_config:
+        return platform
+    return read_user_config(
+        cfg.distributed.deepspeed_config, platform, cfg.distributed.num_workers
     )
 
 
@@ -101,7 +115,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     warmup = max(cfg.optim.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=loop_config.get("deepspeed") or deepspeed_config(cfg),
     )
     param_dtype = next(engine.module.parameters()).dtype
     text_table, worddrop_table = text_table.to(param_dtype), worddrop_table.to(param_dtype)
@@ -118,6 +135,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rng_file.exists():
                 torch.set_rng_state(torch.load(rng_file, weights_only=False))
 
+    state["started_at_step"] = state["step"]  # > 0: this worker group continued a checkpoint
     logger = _MetricLogger(cfg.mlflow.tracking_uri, run_id) if rank == 0 and run_id else None
     total_steps = _total_steps(cfg, stream)
 
@@ -126,7 +144,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     meter = _WindowMeter()
     started, first_step = time.perf_counter(), state["step"]
     metrics: dict = {}
-    while state["step"] < total_steps:
+    while state["step"] < total_steps and not state.get("plateau"):
         batches = stream.epoch(state["epoch"])
         epoch_length = stream.batches_in_epoch(state["epoch"])
         for batch_index, batch in enumerate(batches):
@@ -188,7 +206,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     sys.stdout.write(line + "\n")  # not print: Ray Train's patch echoes it twice
                     sys.stdout.flush()
             end_of_epoch = state["batch_in_epoch"] == epoch_length
-            score = float("inf")  # checkpoints without a held-out loss rank last
+            score = NO_HELDOUT_SCORE  # checkpoints without a held-out loss rank last
             every = cfg.heldout_every and state["step"] % cfg.heldout_every == 0
             if heldout and (done or end_of_epoch or every):
                 held = heldout_losses(
@@ -202,10 +220,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     state["best"] = {"step": state["step"], "epoch": epochs_done, **held}
                 if logger:
                     logger.log({**held, "heldout_epoch": epochs_done}, state["step"], "heldout")
+                if end_of_epoch and _plateaued(state, score, cfg.optim.min_heldout_gain):
+                    done = state["plateau"] = True  # every rank decides alike: same losses
+                if end_of_epoch:
+                    state["epoch_heldout"] = score
             if (
                 done
                 or end_of_epoch
-                or score != float("inf")
+                or score != NO_HELDOUT_SCORE
                 or state["step"] % cfg.distributed.checkpoint_every == 0
             ):
                 _save_and_report(
@@ -259,6 +281,13 @@ def _total_steps(cfg: PretrainConfig, stream) -> int:
     per_epoch = [stream.batches_in_epoch(e) for e in range(cfg.optim.epochs)]
     total = sum(per_epoch)
     return min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
+
+
+def _plateaued(state: dict, heldout_loss: float, min_gain: float) -> bool:
+    """True when this epoch's held-out loss is less than ``min_gain`` (a fraction) below the
+    previous epoch's; never before a previous epoch's loss exists or with ``min_gain`` 0."""
+    previous = state.get("epoch_heldout")
+    return min_gain > 0 and previous is not None and heldout_loss > previous * (1 - min_gain)
 
 
 def _save_and_report(engine, state: dict, rank: int, metrics: dict, final: bool) -> None:

@@ -73,7 +73,7 @@ class DemoConfig:
         ]
     )
     finetune: list[str] = field(
-        default_factory=lambda: ["optim.max_epochs=40", "optim.patience=8", "optim.batch_size=128"]
+        default_factory=lambda: ["optim.max_epochs=40", "optim.patience=8", "optim.batch_size=1024"]
     )
     tenants: list[TenantSpec] = field(default_factory=_default_tenants)
 
@@ -83,7 +83,7 @@ SMOKE = [
     "data.synthetic.target_scale=0.4",
     "data.synthetic.num_sources=2",
     'pretrain=["data.batch_size=32","optim.epochs=1","distributed.num_workers=2","distributed.zero_stage=2","log_every=2","distributed.checkpoint_every=100"]',
-    'finetune=["optim.max_epochs=3","optim.patience=2","optim.batch_size=64"]',
+    'finetune=["optim.max_epochs=3","optim.patience=2","optim.batch_size=512"]',
 ]
 
 

@@ -113,11 +113,16 @@ class ShardOutputConfig:
     # to held-out shards (one per domain) instead of the training shards: the held-out
     # pretraining loss and the choice of the best checkpoint read them. 0 = none.
     heldout_fraction: float = 0.0
+    # Pretraining windows past a sequence's first max_seq_len + 1 items: 1 = one window per
+    # target, each with its full history (the official rule); S > 1 = a window per S targets,
+    # each with >= max_seq_len - S + 1 items of history (S x less work on long sequences).
+    window_stride: int = 1
 
     def validate(self) -> None:
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ConfigError(f"heldout_fraction: must be in [0, 1), got {self.heldout_fraction}")
         check_range("num_shards", self.num_shards, 1)
+        check_range("window_stride", self.window_stride, 1)
 
 
 @dataclass
@@ -130,6 +135,11 @@ class ShardJobConfig:
     def validate(self) -> None:
         if not self.domains:
             raise ConfigError("domains: at least one domain is needed")
+        if self.shards.window_stride > self.processing.max_seq_len:
+            raise ConfigError(
+                f"shards.window_stride: must be <= processing.max_seq_len "
+                f"({self.processing.max_seq_len}), got {self.shards.window_stride}"
+            )
         names = [d.name for d in self.domains]
         dup = {n for n in names if names.count(n) > 1}
         if dup:

@@ -104,7 +104,7 @@ def _write_into(
 
     shards = None
     if pretrain_inputs:
-        samples = pretraining_samples(pretrain_inputs, max_seq_len)
+        samples = pretraining_samples(pretrain_inputs, max_seq_len, cfg.shards.window_stride)
         held = heldout_users(pretrain_inputs, cfg.shards.heldout_fraction, cfg.shards.seed)
         train = [s for s in samples if (s.domain, s.user) not in held]
         records = write_shards(train, root / "shards", cfg.shards.num_shards, cfg.shards.seed)
@@ -115,6 +115,7 @@ def _write_into(
             "dir": "shards",
             "sample_version": SAMPLE_VERSION,
             "max_seq_len": max_seq_len,
+            "window_stride": cfg.shards.window_stride,
             "num_samples": sum(r["num_samples"] for r in records),
             "domains": [name for name, *_ in pretrain_inputs],
             "files": records,

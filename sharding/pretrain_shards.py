@@ -8,7 +8,8 @@ A sample is one training window of one user's sequence, in *global* item indexes
 
 A user's training sequence (everything before the valid and test items) is cut by
 :func:`sharding.windows.training_windows`: every target is a query in exactly one window
-(input positions ``>= first_query``) and sees exactly the ``max_seq_len`` items before it.
+(input positions ``>= first_query``) and sees exactly the ``max_seq_len`` items before it
+(at least ``max_seq_len - window_stride + 1`` with ``shards.window_stride``).
 The sample format's version is :data:`SAMPLE_VERSION` (``shards.sample_version`` in the
 manifest); version 1 samples had no ``first_query`` and are refused.
 Samples of all domains are shuffled together (seeded) and dealt round-robin into
@@ -50,17 +51,20 @@ class PretrainSample:
 
 
 def pretraining_samples(
-    domains: Iterable[tuple[str, int, int, list[np.ndarray]]], max_seq_len: int
+    domains: Iterable[tuple[str, int, int, list[np.ndarray]]],
+    max_seq_len: int,
+    window_stride: int = 1,
 ) -> list[PretrainSample]:
     """Samples from ``(name, domain_id, global_offset, train_sequences)`` per domain.
 
     ``train_sequences[u]`` holds user ``u``'s local item indexes (1-based); the global index
-    of local item ``i`` is ``global_offset + i``.
+    of local item ``i`` is ``global_offset + i``. ``window_stride``: see
+    :func:`sharding.windows.training_windows` (1 = every target with its full history).
     """
     samples: list[PretrainSample] = []
     for name, domain_id, offset, sequences in domains:
         for user, sequence in enumerate(sequences):
-            for w, window in enumerate(training_windows(np.asarray(sequence), max_seq_len)):
+            for w, window in enumerate(training_windows(np.asarray(sequence), max_seq_len, window_stride)):
                 samples.append(
                     PretrainSample(
                         key=f"{name}-{user:08d}-{w:03d}",

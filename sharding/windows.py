@@ -28,7 +28,9 @@ class TrainingWindow(NamedTuple):
     first_query: int
 
 
-def training_windows(sequence: np.ndarray, max_seq_len: int) -> Iterator[TrainingWindow]:
+def training_windows(
+    sequence: np.ndarray, max_seq_len: int, stride: int = 1
+) -> Iterator[TrainingWindow]:
     """The fewest windows that make every target a query once with its full history.
 
     ``[1..7]`` with ``max_seq_len=3``::
@@ -46,10 +48,22 @@ def training_windows(sequence: np.ndarray, max_seq_len: int) -> Iterator[Trainin
     items gives ``1 + max(0, n - 1 - L)`` windows; a target past the first window costs
     ``L`` encoded positions instead of one (what the official code pays too: it makes every
     prefix->next pair a sample of its own).
+
+    ``stride`` S > 1 trades history for work on long sequences: each later window ends S
+    targets after the previous one and queries its last S targets, so such a target sees
+    between ``L - S + 1`` and ``L`` items and costs ``(L + 1) / S`` positions. With
+    ``max_seq_len=3, stride=2`` the example above becomes ``[1 2 3 4]`` (first_query 0),
+    ``[3 4 5 6]`` (first_query 1: targets 5, 6), ``[4 5 6 7]`` (first_query 2: target 7).
+    Every target is still a query exactly once; ``stride=1`` is the rule above.
     """
     n = len(sequence)
     if n < 2:
         return
+    if not 1 <= stride <= max_seq_len:
+        raise ValueError(f"stride must be in 1..max_seq_len ({max_seq_len}), got {stride}")
     yield TrainingWindow(sequence[: max_seq_len + 1], 0)
-    for target in range(max_seq_len + 1, n):
-        yield TrainingWindow(sequence[target - max_seq_len : target + 1], max_seq_len - 1)
+    last = max_seq_len  # the last target queried so far
+    while last + 1 < n:
+        end = min(last + stride, n - 1)
+        yield TrainingWindow(sequence[end - max_seq_len : end + 1], max_seq_len - (end - last))
+        last = end

@@ -109,6 +109,41 @@ def test_tables_and_figures_are_written(twice):
     assert "## heldout" in (report / "report.md").read_text()
 
 
+def test_a_pretraining_cell_cut_off_midway_continues_from_its_checkpoint(tmp_path):
+    """The first invocation's pretraining dies at step 3 with no restarts left (as when a
+    session ends); the next invocation of the same grid resumes that cell from its last
+    checkpoint, not from step 0, and ends with a whole epoch's samples. The checkpoints
+    before the cut have no held-out loss yet (held-out shards are read at the epoch's end):
+    the resumed run must still rank them."""
+    import ray
+
+    from experiments.runner import run_experiment
+
+    write_small_dataset(
+        tmp_path / "data",
+        domains=("office", "games", "target"),
+        num_users=40,
+        pretrain_domains=("office", "games"),
+        heldout_fraction=0.2,
+    )
+    cfg = _config(tmp_path)
+    cfg.pretrain_overrides.update(
+        {"fault.kill_at_step": 3, "distributed.max_failures": 0, "distributed.checkpoint_every": 1}
+    )
+    try:
+        cut = run_experiment(cfg, only=["all"])
+        resumed = run_experiment(cfg, only=["all"])
+    finally:
+        ray.shutdown()
+    assert cut["ran"] == [] and resumed["ran"] == ["pretrain/all"]
+    from sharding.dataset import Dataset
+
+    summary = json.loads((tmp_path / "exp" / "results.json").read_text())["pretrain/all"]
+    assert summary["resumed_from_step"] >= 2
+    windows = sum(spec.num_samples for spec in Dataset(tmp_path / "data").shard_specs())
+    assert summary["samples_seen"] == windows  # one epoch, each window once
+
+
 def test_unknown_backbone_cell_is_a_config_error():
     with pytest.raises(ConfigError, match="not a pretrain cell"):
         load_config(ExperimentConfig, None, ["finetune=[{name: a, backbone: nope}]"])

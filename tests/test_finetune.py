@@ -441,3 +441,15 @@ def test_train_fraction_keeps_a_seeded_subset_of_training_users_only(tmp_path):
 
     with pytest.raises(ConfigError, match="train_fraction"):
         load_config(FinetuneConfig, None, ["data.train_fraction=0"])
+
+
+def test_a_zero_epoch_finetune_registers_the_backbones_adaptor_as_a_zero_shot_tenant(store):
+    """optim.max_epochs=0: no training at all; the registered adaptor is the backbone's own,
+    evaluated and served like any other (a new tenant's first recommendations)."""
+    summary = run_finetune(finetune_config(store, "zeroshot", optim__max_epochs=0), progress=False)
+    assert summary["best_epoch"] == 0
+    assert summary["model_version"] == "1"
+    assert 0 <= summary["test"]["ndcg@10"] <= 1 and summary["test"]["recall@10"] > 0
+    model, _ = load_bundle(Path(summary["output_dir"]) / "adaptor")
+    for name, value in store["backbone"].state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), f"{name} moved without training"

@@ -164,6 +164,29 @@ def test_killed_worker_is_restarted_and_reaches_the_same_final_loss(workspace, u
     assert summary["final_loss"] == pytest.approx(uninterrupted["final_loss"], abs=1e-5)
 
 
+def test_a_users_deepspeed_file_runs_its_zero_stage_with_the_same_result(workspace, uninterrupted):
+    """ZeRO-3 from the user's own JSON (the preset says 2): the run uses it, logs the merged
+    config, and ends on the preset run's loss (ZeRO stages are exact in fp32)."""
+    from mlflow.tracking import MlflowClient
+
+    from pretrain.job import run_pretrain
+
+    root, data = workspace
+    ds_file = root / "my-deepspeed.json"
+    ds_file.write_text(json.dumps({"zero_optimization": {"stage": 3, "overlap_comm": False}}))
+    summary = run_pretrain(
+        _config(root, data, "user-ds", f"distributed.deepspeed_config={ds_file}")
+    )
+    assert summary["zero_stage"] == 3
+    logged = MlflowClient(summary["tracking_uri"]).download_artifacts(
+        summary["run_id"], "deepspeed_config.json", str(root / "downloaded")
+    )
+    merged = json.loads(Path(logged).read_text())
+    assert merged["zero_optimization"] == {"stage": 3, "overlap_comm": False}
+    assert merged["train_batch_size"] == 2 * 12
+    assert summary["final_loss"] == pytest.approx(uninterrupted["final_loss"], abs=1e-4)
+
+
 def test_stopped_run_continues_with_resume(workspace, uninterrupted):
     from ray.train import TrainingFailedError
 
@@ -245,3 +268,28 @@ def test_registered_backbone_reproduces_its_heldout_loss_in_one_process(with_hel
                 loss_sum += (out["seq_item"] + 1e-3 * out["seq_seq"]) * out["queries"]
                 targets += out["queries"]
     assert loss_sum / targets == pytest.approx(summary["best_heldout"]["heldout_loss"], rel=1e-5)
+
+
+def test_pretraining_stops_at_the_first_epoch_whose_heldout_gain_is_below_the_bar(with_heldout):
+    """min_heldout_gain 0.9: no epoch can cut the held-out loss by 90%, so the run stops at
+    the end of epoch 2 of 6 (epoch 1 has nothing to compare with) and says why."""
+    from pretrain.job import run_pretrain
+
+    _, data = with_heldout
+    root = data.parent
+    cfg = _config(root, data, "plateau", "optim.epochs=6", "optim.min_heldout_gain=0.9")
+    cfg.mlflow.registered_model = "unisrec-backbone-plateau"
+    summary = run_pretrain(cfg)
+    assert summary["stopped_on_plateau"] is True
+    assert summary["samples_seen"] == 2 * 72
+    assert summary["steps"] == 2 * 3
+
+
+def test_plateau_rule_compares_with_the_previous_epochs_heldout_loss():
+    from pretrain.worker import _plateaued
+
+    assert not _plateaued({}, 5.0, 0.01)  # no previous epoch
+    assert not _plateaued({"epoch_heldout": 5.0}, 4.9, 0.01)  # 2% better
+    assert _plateaued({"epoch_heldout": 5.0}, 4.96, 0.01)  # 0.8% better
+    assert _plateaued({"epoch_heldout": 5.0}, 5.2, 0.01)  # worse
+    assert not _plateaued({"epoch_heldout": 5.0}, 5.2, 0.0)  # rule off

@@ -16,6 +16,38 @@ def test_windows_make_every_target_a_query_once_with_the_last_max_seq_len_items(
     assert windows == [([1, 2, 3, 4], 0), ([2, 3, 4, 5], 2), ([3, 4, 5, 6], 2), ([4, 5, 6, 7], 2)]
 
 
+def test_strided_windows_query_their_last_stride_targets():
+    windows = [(w.items.tolist(), w.first_query) for w in training_windows(np.arange(1, 8), 3, 2)]
+    assert windows == [([1, 2, 3, 4], 0), ([3, 4, 5, 6], 1), ([4, 5, 6, 7], 2)]
+    with pytest.raises(ValueError, match="stride"):
+        list(training_windows(np.arange(1, 8), 3, 4))
+
+
+@pytest.mark.parametrize(("max_seq_len", "stride"), [(7, 3), (50, 25), (50, 50)])
+def test_strided_windows_query_every_target_once_with_at_least_l_minus_s_plus_1_items(
+    max_seq_len, stride
+):
+    """Property: the target at position t is a query once; its history is the items just
+    before it, all of them when t <= L, else between L - S + 1 and L of them."""
+    rng = np.random.default_rng(stride)
+    for n in [2, max_seq_len + 1, max_seq_len + 2, 300, *rng.integers(2, 301, size=20)]:
+        seq = np.arange(n) + 1
+        seen: dict[int, int] = {}
+        for window in training_windows(seq, max_seq_len, stride):
+            items = window.items.tolist()
+            for j in range(window.first_query, len(items) - 1):
+                t = items[j + 1] - 1
+                assert t not in seen
+                assert items[: j + 1] == seq[t - j - 1 : t].tolist()
+                seen[t] = j + 1
+        assert sorted(seen) == list(range(1, n))
+        for t, history in seen.items():
+            low = t if t <= max_seq_len else max_seq_len - stride + 1
+            assert low <= history <= min(t, max_seq_len)
+        windows = len(list(training_windows(seq, max_seq_len, stride)))
+        assert windows == 1 + -(-max(0, n - 1 - max_seq_len) // stride)
+
+
 def test_short_sequences_give_one_window_and_single_items_none():
     assert [w.items.tolist() for w in training_windows(np.array([5, 6]), 50)] == [[5, 6]]
     assert list(training_windows(np.array([5]), 50)) == []
