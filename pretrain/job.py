@@ -38,9 +38,13 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     The MLflow run ends FINISHED only when all of it succeeded: FAILED on an error, KILLED on
     Ctrl-C (``--resume`` continues either).
     """
+    from pretrain.output_lock import OutputDirLock
+
     opened: dict[str, str] = {}
     try:
-        return _run_pretrain(cfg, resume, opened)
+        # Held for the whole job, before anything in output_dir is read or written.
+        with OutputDirLock(cfg.output_dir) as lock:
+            return _run_pretrain(cfg, resume, opened, lock)
     except BaseException as err:
         if "run_id" in opened:
             from mlflow.tracking import MlflowClient
@@ -53,7 +57,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
         raise
 
 
-def _run_pretrain(cfg: PretrainConfig, resume: bool, opened: dict[str, str]) -> dict:
+def _run_pretrain(cfg: PretrainConfig, resume: bool, opened: dict[str, str], lock) -> dict:
     import mlflow
     from mlflow.tracking import MlflowClient
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -103,6 +107,7 @@ def _run_pretrain(cfg: PretrainConfig, resume: bool, opened: dict[str, str]) -> 
             mlflow.log_dict(ds_config, "deepspeed_config.json")
     (out / RUN_STATE).write_text(json.dumps({"run_id": run_id, "ray_run_name": run_name}))
     opened.update(run_id=run_id, tracking_uri=cfg.mlflow.tracking_uri)
+    lock.describe(run_id=run_id)
     MlflowClient().update_run(run_id, status="RUNNING")  # until it finishes, fails or is killed
 
     # 2. Ray Train: N DeepSpeed workers; a failed worker restarts the group from the last checkpoint.
@@ -119,9 +124,18 @@ def _run_pretrain(cfg: PretrainConfig, resume: bool, opened: dict[str, str]) -> 
         resources["GPU"] = 1
 
     def make_trainer() -> TorchTrainer:
+        resume_from = _set_aside_unreadable_run_state(
+            storage / run_name, cfg.distributed.num_workers
+        )
         return TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"cfg": to_dict(cfg), "mlflow_run_id": run_id, "deepspeed": ds_config},
+            train_loop_config={
+                "cfg": to_dict(cfg),
+                "mlflow_run_id": run_id,
+                "deepspeed": ds_config,
+                "storage": str(storage / run_name),
+                "resume_from": resume_from,
+            },
             scaling_config=ScalingConfig(
                 num_workers=cfg.distributed.num_workers,
                 use_gpu=cfg.distributed.use_gpu,
@@ -141,13 +155,13 @@ def _run_pretrain(cfg: PretrainConfig, resume: bool, opened: dict[str, str]) -> 
         )
 
     started = time.perf_counter()
-    result = _fit_with_restarts(make_trainer, cfg.distributed.max_failures)
+    result = _fit_with_restarts(make_trainer, cfg.distributed.max_failures, storage / run_name)
     wall = time.perf_counter() - started
     if result.checkpoint is None:
         raise RuntimeError("pretraining finished without a checkpoint")
 
     # 3. One fp32 backbone from the best (possibly ZeRO-partitioned) checkpoint.
-    chosen = _best_checkpoint(result)
+    chosen = _best_checkpoint(result, cfg.distributed.num_workers)
     model, chosen_state = _consolidate(chosen, cfg, dataset.encoder_dim)
     final_metrics = {**_train_state(result.checkpoint), **_last_losses(run_id)}
     best = final_metrics.get("best")  # the held-out record of the chosen checkpoint
@@ -207,12 +221,36 @@ def _run_pretrain(cfg: PretrainConfig, resume: bool, opened: dict[str, str]) -> 
     return summary
 
 
-def _fit_with_restarts(make_trainer, max_failures: int):
+def _set_aside_unreadable_run_state(run_dir: Path, workers: int) -> str:
+    """Ray Train rewrites its list of a run's checkpoints in place, so a full disk can leave
+    it empty or cut, and Ray then refuses to start the run again. Such a list is renamed
+    ``*.unreadable`` and the newest whole checkpoint on disk is returned for the workers
+    to resume from ("" when the list is fine or absent)."""
+    from pretrain.checkpoint_files import newest_whole_checkpoint
+
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"  # Ray Train 2.x's name for it
+    try:
+        json.loads(snapshot.read_text())
+        return ""
+    except FileNotFoundError:
+        return ""
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        pass
+    snapshot.rename(snapshot.with_name(snapshot.name + ".unreadable"))
+    whole = newest_whole_checkpoint(run_dir, workers)
+    log.warning(
+        "%s was unreadable (cut short by a full disk?); set aside; resuming from %s",
+        snapshot, whole or "the start (no whole checkpoint on disk)",
+    )  # fmt: skip
+    return str(whole or "")
+
+
+def _fit_with_restarts(make_trainer, max_failures: int, run_dir: Path):
     """``make_trainer().fit()``, started again from the last checkpoint after a worker failure,
     up to ``max_failures`` times (-1: no limit).
 
-    A data or config error in a worker (a truncated shard, say) would only repeat: it is
-    raised at once as itself, one line for the CLI, without using up a restart.
+    A data or config error in a worker (a truncated shard, say) or a full disk would only
+    repeat: it is raised at once as one line for the CLI, without using up a restart.
     """
     from ray.train import TrainingFailedError
 
@@ -221,7 +259,7 @@ def _fit_with_restarts(make_trainer, max_failures: int):
         try:
             return make_trainer().fit()
         except TrainingFailedError as err:
-            fatal = _deterministic_error(err)
+            fatal = _deterministic_error(err, run_dir)
             if fatal is not None:
                 raise fatal from None
             if 0 <= max_failures <= failures:
@@ -235,12 +273,19 @@ def _fit_with_restarts(make_trainer, max_failures: int):
             )
 
 
-def _deterministic_error(err: Exception) -> Exception | None:
-    """The first DataError or ConfigError a worker raised, as one clean line, or None."""
-    from unisrec.errors import ConfigError, DataError
+def _deterministic_error(err: Exception, run_dir: Path) -> Exception | None:
+    """The first DataError, ConfigError or StorageError a worker raised, as one clean line;
+    a StorageError when Ray's own writes (its checkpoint list) hit a full disk; else None."""
+    from pretrain.worker import _disk_full
+    from unisrec.errors import ConfigError, DataError, StorageError
 
+    if _disk_full(err) and not getattr(err, "worker_failures", None):
+        return StorageError(
+            f"{run_dir}: no space left on device while Ray Train recorded a checkpoint; free "
+            "space and run again with --resume: it continues from the last whole checkpoint"
+        )
     for failure in getattr(err, "worker_failures", {}).values():
-        if isinstance(failure, (DataError, ConfigError)):
+        if isinstance(failure, (DataError, ConfigError, StorageError)):
             # Raised in a DataLoader process, the message is that process's whole traceback:
             # its last line is the error itself.
             last = str(failure).strip().splitlines()[-1] if str(failure).strip() else ""
@@ -249,14 +294,16 @@ def _deterministic_error(err: Exception) -> Exception | None:
     return None
 
 
-def _best_checkpoint(result):
-    """The kept checkpoint with the lowest finite held-out loss, else the final one."""
+def _best_checkpoint(result, workers: int):
+    """The kept whole checkpoint with the lowest finite held-out loss, else the final one."""
+    from pretrain.checkpoint_files import incomplete_reason
     from pretrain.worker import NO_HELDOUT_SCORE
 
     scored = [
         (metrics["heldout_score"], checkpoint)
         for checkpoint, metrics in (result.best_checkpoints or [])
         if metrics.get("heldout_score", NO_HELDOUT_SCORE) < NO_HELDOUT_SCORE
+        and incomplete_reason(checkpoint.path, workers) is None
     ]
     return min(scored, key=lambda pair: pair[0])[1] if scored else result.checkpoint
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -22,6 +23,7 @@ import torch
 from pretrain.config import PretrainConfig
 from pretrain.consolidate import DS_TAG
 from unisrec.config import from_dict
+from unisrec.errors import StorageError
 
 STATE_FILE = "train_state.json"
 
@@ -127,11 +129,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # 3. Resume: DeepSpeed state, sample accounting and this rank's RNG state.
     state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "samples_seen": 0, "tokens_seen": 0}
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and loop_config.get("resume_from"):  # Ray lost its list (job.py)
+        checkpoint = ray.train.Checkpoint.from_directory(loop_config["resume_from"])
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
-            engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
-            state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
-            rng_file = Path(ckpt_dir) / f"rng_rank{rank}.pt"
+            ckpt_dir = _whole_checkpoint(Path(ckpt_dir), world, rank)
+            engine.load_checkpoint(str(ckpt_dir), tag=DS_TAG)
+            state = json.loads((ckpt_dir / STATE_FILE).read_text())
+            rng_file = ckpt_dir / f"rng_rank{rank}.pt"
             if rng_file.exists():
                 torch.set_rng_state(torch.load(rng_file, weights_only=False))
 
@@ -231,8 +236,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 or state["step"] % cfg.distributed.checkpoint_every == 0
             ):
                 _save_and_report(
-                    engine, state, rank, {**metrics, "heldout_score": score}, final=done
-                )
+                    engine, state, rank, {**metrics, "heldout_score": score}, final=done,
+                    storage=loop_config.get("storage", ""),
+                )  # fmt: skip
             if done:
                 break
         else:
@@ -283,6 +289,24 @@ def _total_steps(cfg: PretrainConfig, stream) -> int:
     return min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
 
 
+def _whole_checkpoint(directory: Path, world: int, rank: int) -> Path:
+    """``directory`` when whole, else the newest whole checkpoint before it (named in the log)."""
+    from pretrain.checkpoint_files import incomplete_reason, newest_whole_checkpoint, step_of
+
+    reason = incomplete_reason(directory, world)
+    if reason is None:
+        return directory
+    older = newest_whole_checkpoint(directory.parent, world, before_step=step_of(directory))
+    if older is None:
+        raise StorageError(f"{directory}: checkpoint incomplete ({reason}) and no whole one before it")
+    if rank == 0:
+        sys.stdout.write(
+            f"checkpoint {directory} is incomplete ({reason}); resuming from {older.name}\n"
+        )
+        sys.stdout.flush()
+    return older
+
+
 def _plateaued(state: dict, heldout_loss: float, min_gain: float) -> bool:
     """True when this epoch's held-out loss is less than ``min_gain`` (a fraction) below the
     previous epoch's; never before a previous epoch's loss exists or with ``min_gain`` 0."""
@@ -290,21 +314,50 @@ def _plateaued(state: dict, heldout_loss: float, min_gain: float) -> bool:
     return min_gain > 0 and previous is not None and heldout_loss > previous * (1 - min_gain)
 
 
-def _save_and_report(engine, state: dict, rank: int, metrics: dict, final: bool) -> None:
+def _save_and_report(
+    engine, state: dict, rank: int, metrics: dict, final: bool, storage: str = ""
+) -> None:
     """Every rank writes its DeepSpeed shard and reports it; Ray merges them into one
-    checkpoint directory named after the step."""
+    checkpoint directory named after the step (under ``storage``).
+
+    A full disk is a :class:`StorageError` naming where: it would fail again on every
+    restart, and the last complete checkpoint stays the one a resume starts from (Ray
+    registers a checkpoint only when every rank's part of it is written).
+    """
     import ray.train
 
+    from pretrain.checkpoint_files import write_file_list
+
+    name = f"step_{state['step']:07d}"
     with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"unisrec_state": dict(state)})
-        torch.save(torch.get_rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
-        if rank == 0:
-            (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
-        ray.train.report(
-            {**metrics, "step": state["step"], "final": final},
-            checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=f"step_{state['step']:07d}",
-        )
+        where = tmp
+        try:
+            engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"unisrec_state": dict(state)})
+            torch.save(torch.get_rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
+            if rank == 0:
+                (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
+            write_file_list(tmp, rank)  # lets a resume tell a whole checkpoint from a cut one
+            where = f"{storage}/{name}" if storage else name
+            ray.train.report(
+                {**metrics, "step": state["step"], "final": final},
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=name,
+            )
+        except OSError as err:
+            if not _disk_full(err):
+                raise
+            raise StorageError(
+                f"{where}: no space left on device writing the step {state['step']} checkpoint "
+                f"(rank {rank}); free space and run again with --resume: it continues from "
+                "the last complete checkpoint"
+            ) from None
+
+
+def _disk_full(err: BaseException) -> bool:
+    """ENOSPC / EDQUOT, also when a storage layer only kept the message."""
+    return getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (
+        "No space left on device" in str(err) or "Disk quota exceeded" in str(err)
+    )
 
 
 def _die_once(cfg: PretrainConfig, rank: int) -> None:

@@ -256,12 +256,22 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    from unisrec.errors import ConfigError, DataError
+    from unisrec.errors import ConfigError, DataError, StorageError
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        # The tracking server refused a call that no job named a permission for (see
+        # unisrec/access.py): still one line, not a traceback.
+        from unisrec.access import refusal_message
+
+        message = refusal_message(err) if "mlflow" in sys.modules else None
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 

@@ -293,3 +293,119 @@ def test_plateau_rule_compares_with_the_previous_epochs_heldout_loss():
     assert _plateaued({"epoch_heldout": 5.0}, 4.96, 0.01)  # 0.8% better
     assert _plateaued({"epoch_heldout": 5.0}, 5.2, 0.01)  # worse
     assert not _plateaued({"epoch_heldout": 5.0}, 5.2, 0.0)  # rule off
+
+
+def test_a_truncated_newest_checkpoint_is_named_and_the_run_resumes_from_a_whole_one(
+    workspace, uninterrupted, capfd
+):
+    """Stopped at step 7 with checkpoints 5, 6, 7 kept; 6 and 7 cut short on disk (whichever
+    of them Ray registered last): --resume names the broken one, continues from step 5 and
+    ends where the uninterrupted run ended."""
+    from ray.train import TrainingFailedError
+
+    from pretrain.checkpoint_files import incomplete_reason
+    from pretrain.job import run_pretrain
+
+    root, data = workspace
+    cfg = _config(
+        root, data, "truncated", "fault.kill_at_step=7", "distributed.max_failures=0",
+        "distributed.checkpoint_every=1", "distributed.keep_checkpoints=3",
+    )  # fmt: skip
+    with pytest.raises(TrainingFailedError):
+        run_pretrain(cfg)
+    steps = {p.name: p for p in (root / "truncated" / "ray").glob("*/step_*")}
+    assert {"step_0000005", "step_0000006", "step_0000007"} <= set(steps)
+    for name in ("step_0000006", "step_0000007"):
+        states = sorted((steps[name] / "ds").glob("*model_states.pt"))[0]
+        states.write_bytes(states.read_bytes()[:100])
+        assert "of its" in incomplete_reason(steps[name], 2)
+    capfd.readouterr()
+
+    summary = run_pretrain(cfg, resume=True)
+    printed = capfd.readouterr().out
+    assert "is incomplete" in printed and "resuming from step_0000005" in printed
+    assert summary["resumed_from_step"] == 5
+    assert summary["samples_seen"] == uninterrupted["samples_seen"]
+    assert summary["final_loss"] == pytest.approx(uninterrupted["final_loss"], abs=1e-5)
+
+
+def test_a_second_run_on_an_output_dir_in_use_is_refused_naming_the_holder(workspace):
+    """Another process holds output_dir (as a running job does): the second run stops at
+    once with a StorageError naming it, and nothing in the directory changes."""
+    import multiprocessing
+
+    from pretrain.job import run_pretrain
+    from unisrec.errors import StorageError
+
+    root, data = workspace
+    out = root / "busy"
+    out.mkdir()
+    (out / "run.json").write_text('{"run_id": "first-run", "ray_run_name": "x"}')
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    ready, release = multiprocessing.Event(), multiprocessing.Event()
+    holder = multiprocessing.get_context("fork").Process(
+        target=_hold_output_dir, args=(out, ready, release)
+    )
+    holder.start()
+    try:
+        assert ready.wait(10)
+        with pytest.raises(StorageError, match=r"in use by another pretraining run \(run first-run, pid"):
+            run_pretrain(_config(root, data, "busy"), resume=True)
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"} == {
+            k: v for k, v in before.items() if k != ".lock"
+        }
+    finally:
+        release.set()
+        holder.join(10)
+
+
+def _hold_output_dir(out, ready, release) -> None:
+    from pretrain.output_lock import OutputDirLock
+
+    with OutputDirLock(out) as lock:
+        lock.describe(run_id="first-run")
+        ready.set()
+        release.wait(30)
+
+
+def test_a_full_disk_while_checkpointing_is_one_error_and_resume_finishes_the_run(
+    workspace, uninterrupted, tmp_path
+):
+    """output_dir on a small tmpfs with room for about one checkpoint: the second checkpoint
+    fails with one StorageError naming the path, no restart is spent on it, the first
+    checkpoint stays whole, and --resume after freeing space ends like the uninterrupted run."""
+    import os
+    import shutil
+
+    from pretrain.checkpoint_files import incomplete_reason
+    from pretrain.job import run_pretrain
+    from unisrec.errors import StorageError
+
+    root, data = workspace
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        one = sum(
+            f.stat().st_size for f in Path(uninterrupted["checkpoint"]).rglob("*") if f.is_file()
+        )
+        free = shutil.disk_usage(mount).free
+        (mount / "filler").write_bytes(b"\0" * (free - int(1.6 * one) - (64 << 10)))
+        out = mount / "run"
+        cfg = _config(root, data, "unused", "distributed.max_failures=3")
+        cfg.output_dir = str(out)
+        with pytest.raises(StorageError, match="no space left on device") as err:
+            run_pretrain(cfg)
+        assert str(out / "ray") in str(err.value)
+        kept = sorted((out / "ray").glob("*/step_*"))
+        assert kept and incomplete_reason(kept[0], 2) is None
+        (mount / "filler").unlink()
+        summary = run_pretrain(cfg, resume=True)
+        assert summary["resumed_from_step"] == 3
+        assert summary["samples_seen"] == uninterrupted["samples_seen"]
+        assert summary["final_loss"] == pytest.approx(uninterrupted["final_loss"], abs=1e-5)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
