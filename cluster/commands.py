@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-from cluster.jobs import DEFAULT_ADDRESS, SUBMITTABLE_JOBS
+from cluster.jobs import CONFIG_JOBS, DEFAULT_ADDRESS, SUBMITTABLE_JOBS
 from pretrain.deepspeed_presets import PRESETS, preset, preset_overrides
 from unisrec.errors import ConfigError
 
@@ -22,11 +22,12 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
     presets = ", ".join(PRESETS)
     p = sub.add_parser(
         "submit",
-        help="run a shard, pretrain or finetune job on a running Ray cluster (Ray Jobs)",
-        description="Uploads the working directory and runs `unisrec JOB CONFIG ARGS...` on the "
-        "cluster's head node. CONFIG must lie inside the working directory; paths inside it are "
-        "read on the cluster, so point them at shared storage. Options of `submit` go before JOB; "
-        "everything after CONFIG is passed to the job.",
+        help="run a shard, pretrain, finetune or recommend-batch job on a running Ray cluster (Ray Jobs)",
+        description="Uploads the working directory and runs `unisrec JOB CONFIG ARGS...` (or "
+        "`unisrec recommend-batch ARGS...`) on the cluster's head node. CONFIG must lie inside "
+        "the working directory; paths inside it, and recommend-batch's --users, --data-dir and "
+        "--out, are read and written on the cluster, so point them at shared storage. Options of "
+        "`submit` go before JOB; everything after JOB (and CONFIG) is passed to the job.",
         epilog=f"DeepSpeed presets for --deepspeed: {presets} "
         "(`unisrec deepspeed-preset NAME` prints one). "
         "Equivalent: ray job submit --address ADDR --working-dir . -- python -m recipes.cli JOB CONFIG ARGS...",
@@ -71,13 +72,18 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
         help="stream the job's logs until it ends; exit 0 only if it succeeded",
     )
     p.add_argument(
-        "job", choices=SUBMITTABLE_JOBS, metavar="JOB", help="shard, pretrain or finetune"
+        "job",
+        choices=SUBMITTABLE_JOBS,
+        metavar="JOB",
+        help="shard, pretrain, finetune or recommend-batch",
     )
-    p.add_argument("config", help="the job's YAML config, inside the working directory")
     p.add_argument(
         "args",
         nargs=argparse.REMAINDER,
-        help="overrides and options for the job, e.g. optim.lr=3e-4 --num-workers 4",
+        metavar="[CONFIG] ARGS",
+        help="shard, pretrain, finetune: the job's YAML config (inside the working directory), "
+        "then overrides and options, e.g. optim.lr=3e-4 --num-workers 4; recommend-batch: its "
+        "options, e.g. --tenant T --users /mnt/shared/users.parquet --out /mnt/shared/recs.parquet",
     )
     p.set_defaults(func=cmd_submit)
 
@@ -127,15 +133,22 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
 def cmd_submit(args: argparse.Namespace) -> int:
     from cluster.jobs import follow, follow_hint, job_spec, submit
 
-    job_args = list(args.args)
+    job_args, config = list(args.args), None
+    if args.job in CONFIG_JOBS:
+        if not job_args or job_args[0].startswith("-"):
+            raise ConfigError(f"submit {args.job}: name the job's CONFIG (a YAML file) after JOB")
+        config, job_args = job_args[0], job_args[1:]
     if args.deepspeed:
         if args.job != "pretrain":
             raise ConfigError(f"--deepspeed: only pretrain jobs use DeepSpeed, not {args.job}")
         job_args += preset_overrides(args.deepspeed)
-    _check_config(args.job, args.config, job_args)
+    if config is None:
+        _check_options(args.job, job_args)
+    else:
+        _check_config(args.job, config, job_args)
     spec = job_spec(
         args.job,
-        args.config,
+        config,
         job_args,
         working_dir=args.working_dir,
         tracking_uri=args.tracking_uri,
@@ -192,6 +205,16 @@ def _check_config(job: str, config: str, job_args: list[str]) -> None:
 
     overrides = [a for a in job_args if "=" in a and not a.startswith("-")]
     load_config(config_class(job), config, overrides)
+
+
+def _check_options(job: str, job_args: list[str]) -> None:
+    """Parse a job's options here, before anything is uploaded: a missing or misspelt option
+    fails at once (argparse says which and exits) rather than on the cluster."""
+    from serving.commands import register_commands
+
+    parser = argparse.ArgumentParser(prog="unisrec submit")
+    register_commands(parser.add_subparsers(dest="command", required=True))
+    parser.parse_args([job, *job_args])
 
 
 def _parse_env(pairs: list[str]) -> dict[str, str]:

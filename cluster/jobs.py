@@ -1,4 +1,5 @@
-"""Submit platform jobs (shard, pretrain, finetune) to a running Ray cluster via Ray Jobs.
+"""Submit platform jobs (shard, pretrain, finetune, recommend-batch) to a running Ray cluster
+via Ray Jobs.
 
     unisrec submit --address http://127.0.0.1:8265 \\
         --tracking-uri http://10.0.1.5:5000 \\
@@ -24,6 +25,8 @@ What travels with the job, and what does not:
 * CONFIG must lie inside the working directory: the job reads it there, by relative path.
 * Paths *inside* the config are read on the cluster. Point ``data.dir``, ``output_dir`` and
   ``distributed.storage_path`` at shared storage (``/mnt/shared/...``), not at your disk.
+  So are ``recommend-batch``'s ``--users``, ``--data-dir`` and ``--out``: its actors read the
+  users on the workers and the driver writes the output on the head node.
 * ``MLFLOW_TRACKING_URI`` is set on every node by ``ray_cluster.yaml``; ``--tracking-uri``
   overrides it for one job.
 """
@@ -40,7 +43,8 @@ from typing import TextIO
 
 from unisrec.errors import ConfigError
 
-SUBMITTABLE_JOBS = ("shard", "pretrain", "finetune")
+CONFIG_JOBS = ("shard", "pretrain", "finetune")  # each reads a YAML config
+SUBMITTABLE_JOBS = (*CONFIG_JOBS, "recommend-batch")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # what `ray job submit` uses without --address
 # Local outputs that must not be uploaded (gitignore-style patterns, relative to working_dir).
 EXCLUDES = [
@@ -65,11 +69,11 @@ class JobSpec:
     metadata: dict[str, str] = field(default_factory=dict)  # shown by `ray job list`
 
 
-def entrypoint(job: str, config: str, args: list[str] | tuple[str, ...] = ()) -> str:
-    """``python -m recipes.cli JOB CONFIG ARGS...`` as one shell-quoted command line."""
+def entrypoint(job: str, config: str | None, args: list[str] | tuple[str, ...] = ()) -> str:
+    """``python -m recipes.cli JOB [CONFIG] ARGS...`` as one shell-quoted command line."""
     if job not in SUBMITTABLE_JOBS:
         raise ValueError(f"job: must be one of {', '.join(SUBMITTABLE_JOBS)}, got {job!r}")
-    return shlex.join(["python", "-m", "recipes.cli", job, config, *args])
+    return shlex.join(["python", "-m", "recipes.cli", job, *([config] if config else []), *args])
 
 
 def runtime_env(
@@ -96,19 +100,26 @@ def runtime_env(
 
 def job_spec(
     job: str,
-    config: str | Path,
+    config: str | Path | None,
     args: list[str] | tuple[str, ...] = (),
     working_dir: str | Path = ".",
     tracking_uri: str = "",
     env: dict[str, str] | None = None,
     pip: list[str] | tuple[str, ...] = (),
 ) -> JobSpec:
-    """The spec that runs ``unisrec JOB CONFIG ARGS...`` on the cluster.
+    """The spec that runs ``unisrec JOB CONFIG ARGS...`` on the cluster (``recommend-batch``
+    takes no CONFIG: ``config`` None, its options in ``args``).
 
     Raises ConfigError when CONFIG is missing or outside ``working_dir`` (the job could not
     read it there).
     """
     root = Path(working_dir).resolve()
+    if config is None:
+        return JobSpec(
+            entrypoint=entrypoint(job, None, args),
+            runtime_env=runtime_env(root, tracking_uri, env, pip),
+            metadata={"unisrec.job": job},
+        )
     config_path = Path(config).resolve()
     if not config_path.is_file():
         raise ConfigError(f"config file not found: {config}")

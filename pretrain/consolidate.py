@@ -16,6 +16,9 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tenso
     keep fp32 weights in per-rank optimizer shards, merged by DeepSpeed's zero_to_fp32.
     Stage 3 names its module files per rank (``zero_pp_rank_0_mp_rank_00_model_states.pt``).
     """
+    from unisrec.runtime import cpu_deepspeed, library_output
+
+    cpu_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     checkpoint_dir = Path(checkpoint_dir)
@@ -27,5 +30,6 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tenso
     states = torch.load(module_files[0], map_location="cpu", weights_only=False)
     if not states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0):
         return {k: v.float() for k, v in states["module"].items()}
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DS_TAG)
+    with library_output():  # zero_to_fp32 prints each step of the merge
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DS_TAG)
     return {k: v.float().contiguous() for k, v in state.items()}

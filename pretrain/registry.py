@@ -16,6 +16,7 @@ import torch
 from pretrain.model import UniSRec
 from unisrec import tags as T
 from unisrec.errors import ConfigError
+from unisrec.runtime import library_output
 
 
 def register_backbone(
@@ -48,7 +49,7 @@ def register_backbone(
         **(extra_tags or {}),
     }
     model = model.cpu().eval()
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), library_output():  # MLflow prints each registration
         info = mlflow.pytorch.log_model(
             model,
             name="backbone",

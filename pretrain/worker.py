@@ -67,9 +67,10 @@ def progress_line(
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    from unisrec.runtime import quiet_train_worker
+    from unisrec.runtime import cpu_deepspeed, library_output, quiet_train_worker
 
     quiet_train_worker()  # unless -v: our progress line, not Ray's per-report messages
+    cpu_deepspeed()
     import deepspeed  # imported here: importing it in the Ray driver can break the controller
     import ray.train
 
@@ -116,12 +117,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     )
     warmup = max(cfg.optim.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=loop_config.get("deepspeed") or deepspeed_config(cfg),
-    )
+    with library_output():  # DeepSpeed prints its communication op's build
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=loop_config.get("deepspeed") or deepspeed_config(cfg),
+        )
     param_dtype = next(engine.module.parameters()).dtype
     text_table, worddrop_table = text_table.to(param_dtype), worddrop_table.to(param_dtype)
     gather = Gather.from_dist()

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from unisrec.jobs import JOB_CONFIGS, config_class
-from unisrec.runtime import VERBOSE_ENV, use_loopback
+from unisrec.runtime import VERBOSE_ENV, quiet_libraries, use_loopback
 
 
 def _guess_job(path: str) -> str:
@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"  # read by Ray workers too (unisrec.runtime.ensure_ray)
+    quiet_libraries()  # unless -v: library chatter off here and in the processes it starts
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

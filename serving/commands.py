@@ -1,5 +1,5 @@
-"""``unisrec recommend | catalogue add | promote | models list | serve``: the serving
-sub-commands, everything that happens to a tenant's adaptor after fine-tuning.
+"""``unisrec recommend | recommend-batch | catalogue add | promote | models list | serve``:
+the serving sub-commands, everything that happens to a tenant's adaptor after fine-tuning.
 
 ``recipes/cli.py`` calls :func:`register_commands` with its sub-parsers. Heavy libraries are
 imported inside the command functions so ``unisrec --help`` stays instant.
@@ -51,6 +51,32 @@ def _local_tenant(out: Path, tenant: str, tracking_uri: str):
     configure_mlflow(tracking_uri)
     model, spec = load_bundle(out / "adaptor")
     return model, spec, Catalogue.load(out / "catalogue")
+
+
+def cmd_recommend_batch(args: argparse.Namespace) -> int:
+    from serving.batch import BatchConfig, recommend_batch, summary
+    from unisrec.tags import PRODUCTION
+
+    cfg = BatchConfig(
+        tenant=tenant_option(args.tenant),
+        out=args.out,
+        users=args.users or "",
+        all_users=args.all_users,
+        data_dir=args.data_dir or "",
+        version=args.version or "",
+        alias=args.alias or PRODUCTION,
+        k=args.k,
+        exclude_history=not args.keep_history,
+        batch_size=args.batch_size,
+        actors=args.actors,
+        torch_threads=args.torch_threads,
+        tracking_uri=args.tracking_uri,
+        progress=not args.quiet,
+    )
+    record = recommend_batch(cfg)
+    print(summary(record))
+    print(f"wrote {cfg.out} and {cfg.out}.json")
+    return 0
 
 
 def cmd_catalogue_add(args: argparse.Namespace) -> int:
@@ -124,7 +150,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def register_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``recommend``, ``catalogue``, ``promote``, ``models`` and ``serve`` to ``unisrec``."""
+    """Add ``recommend``, ``recommend-batch``, ``catalogue``, ``promote``, ``models`` and ``serve``
+    to ``unisrec``."""
     p = sub.add_parser(
         "recommend",
         help="print a tenant's top-k items for a history of item keys",
@@ -145,6 +172,53 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
         help="MLflow store (default $MLFLOW_TRACKING_URI or ./mlflow.db)",
     )
     p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser(
+        "recommend-batch",
+        help="top-k for many users at once (Ray Data actor pool) into one Parquet file",
+        description="Reads USERS.parquet (columns user and history, a list of item keys oldest "
+        "first), or with --all-users every user of the dataset domain the tenant was fine-tuned "
+        "on (--data-dir) with their whole sequence, and the tenant's registered adaptor "
+        "(--version, or the version --alias points at, default production). Writes RECS.parquet "
+        "(user, rank, item, score; the run's record in the schema metadata) and "
+        "RECS.parquet.json (tenant, version, MLflow run id, counts). Unknown items are left out of a history and counted; "
+        "a user with no known item gets no rows. On a Ray cluster: unisrec submit "
+        "recommend-batch ...",
+    )
+    p.add_argument("--tenant", required=True)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--version", help="the adaptor version to rank with")
+    which.add_argument(
+        "--alias", help="rank with the version this alias points at (default production)"
+    )
+    users = p.add_mutually_exclusive_group(required=True)
+    users.add_argument(
+        "--users", metavar="USERS.parquet", help="Parquet file or directory: user, history"
+    )
+    users.add_argument(
+        "--all-users", action="store_true", help="every user of the tenant's dataset domain"
+    )
+    p.add_argument(
+        "--data-dir", help="with --all-users: the dataset directory the tenant was fine-tuned on"
+    )
+    p.add_argument("--out", required=True, metavar="RECS.parquet", help="the Parquet file to write")
+    p.add_argument("-k", type=int, default=50, help="items per user")
+    p.add_argument("--keep-history", action="store_true", help="allow items already in the history")
+    p.add_argument("--batch-size", type=int, default=256, help="users an actor ranks at once")
+    p.add_argument(
+        "--actors",
+        type=int,
+        default=2,
+        help="at most this many model copies (Ray Data actors; one to start)",
+    )
+    p.add_argument("--torch-threads", type=int, default=1, help="threads (and CPUs) per actor")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--tracking-uri",
+        default="",
+        help="MLflow store (default $MLFLOW_TRACKING_URI or ./mlflow.db)",
+    )
+    p.set_defaults(func=cmd_recommend_batch)
 
     p = sub.add_parser("catalogue", help="manage a tenant's item catalogue")
     cat_sub = p.add_subparsers(dest="catalogue_command", required=True, metavar="SUBCOMMAND")

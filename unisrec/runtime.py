@@ -7,8 +7,14 @@ the tests call :func:`use_loopback` before anything imports ray.
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import functools
+import io
+import logging
 import os
 import socket
+from collections.abc import Iterator
 
 LOOPBACK_ENV = {
     # Ray's own default binds the node to the machine's network address; this keeps the
@@ -23,10 +29,63 @@ LOOPBACK_ENV = {
 
 VERBOSE_ENV = "UNISREC_VERBOSE"  # "1": Ray's chatter and known warnings are shown (`unisrec -v`)
 
+# Library chatter a user does not act on, off unless -v; read by each process as it starts,
+# so Ray workers get them too (ensure_ray passes them on).
+QUIET_ENV = {
+    "MLFLOW_LOGGING_LEVEL": "ERROR",  # table creation, pickle and signature advice
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bar too
+    "TRANSFORMERS_VERBOSITY": "error",
+    # torch's deprecation notes for the collectives DeepSpeed's ZeRO calls; MLflow's advice
+    # to log an input example with a pyfunc
+    "PYTHONWARNINGS": ",".join(
+        [
+            "ignore::FutureWarning:torch.distributed.c10d_logger",
+            "ignore::UserWarning:mlflow.pyfunc",
+        ]
+    ),
+}
+
 
 def verbose() -> bool:
     """Whether this process (or the driver that started its Ray) asked for verbose output."""
     return os.environ.get(VERBOSE_ENV, "") == "1"
+
+
+def quiet_libraries() -> None:
+    """Unless verbose: :data:`QUIET_ENV` for this process and those it starts (values the
+    user set are kept)."""
+    if verbose():
+        return
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+@contextlib.contextmanager
+def library_output() -> Iterator[None]:
+    """Unless verbose, hold back what a library prints inside the block (DeepSpeed prints op
+    builds and checkpoint merges with ``print``, and its merge shows a progress bar). ``print`` itself is held too:
+    in a Ray Train worker it is patched to write past ``sys.stdout``."""
+    if verbose():
+        yield
+        return
+    held = io.StringIO()
+    original = builtins.print
+    builtins.print = functools.partial(original, file=held)
+    try:
+        with contextlib.redirect_stdout(held), contextlib.redirect_stderr(held):
+            yield
+    finally:
+        builtins.print = original
+
+
+def cpu_deepspeed() -> None:
+    """Tell DeepSpeed it runs on CPU when there is no GPU, instead of letting it warn that it
+    guessed so (call before importing deepspeed)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def quiet_train_worker() -> None:
@@ -68,6 +127,7 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> bool:
     False when Ray was already initialised.
     """
     use_loopback()  # before the first import of ray
+    quiet_libraries()
     import ray
 
     if ray.is_initialized():
@@ -87,8 +147,13 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> bool:
         dashboard_port=free_port(),
         _node_ip_address="127.0.0.1",
         runtime_env={
-            "env_vars": {k: os.environ[k] for k in (*LOOPBACK_ENV, VERBOSE_ENV) if k in os.environ}
+            "env_vars": {
+                k: os.environ[k]
+                for k in (*LOOPBACK_ENV, VERBOSE_ENV, *QUIET_ENV, "DS_ACCELERATOR")
+                if k in os.environ
+            }
         },
+        logging_level=logging.INFO if verbose() else logging.WARNING,
         log_to_driver=True,
     )
     return True
