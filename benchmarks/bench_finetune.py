@@ -56,7 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline", choices=["unisrec", "sasrec"], default="unisrec")
     parser.add_argument("--backbone", default="none", help="none or a models:/ URI")
     parser.add_argument("--hidden-size", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=256, help="optim.batch_size of a step")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=FinetuneConfig().optim.batch_size,
+        help="optim.batch_size: next-item targets a step (default: the config's)",
+    )
     parser.add_argument("--eval-batch-size", type=int, default=1024, help="users per scoring block")
     parser.add_argument("--item-block", type=int, default=16384, help="items per scoring block")
     parser.add_argument("--epochs", type=int, default=2)
