@@ -12,7 +12,8 @@ Ray start, the actors loading the model and the catalogue's item vectors, and th
 Peak RSS is sampled every 0.2 s, of this process (the driver, which writes the output) and of
 this process with all its descendants (with a local Ray: its daemons and the actors). Run it
 with two --users sizes: the driver's peak should not grow with the users. Writes
-benchmarks/results/recommend_batch.json (or --out), with the load average before and after.
+benchmarks/results/recommend_batch.json (or --out), with the load average before and after
+(benchmarks/machine_load.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine_load import LoadAverage
 
 RESULTS = Path(__file__).resolve().parent / "results" / "recommend_batch.json"
 TENANT = "batch-shop"
@@ -166,10 +168,6 @@ class PeakRSS:
         self._thread.join()
 
 
-def load_average() -> list[float]:
-    return [round(value, 2) for value in os.getloadavg()]
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default="/tmp/unisrec-bench-recommend-batch")
@@ -206,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         tracking_uri=uri,
         progress=False,
     )
-    load_before = load_average()
+    load = LoadAverage()
     with PeakRSS() as peak:
         started = time.perf_counter()
         record = recommend_batch(cfg)
@@ -214,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "machine": f"{os.cpu_count()} cores, {platform.machine()}, CPU only",
         # The development machine is shared: the load average around the run.
-        "load": {"before": load_before, "after": load_average()},
+        "load": load.record(),
         "setup": {
             "users": args.users,
             "items": args.items,
