@@ -32,13 +32,8 @@ def _config(root: Path) -> ExperimentConfig:
     )
 
 
-@pytest.fixture(scope="module")
-def twice(tmp_path_factory):
-    import ray
-
-    from experiments.runner import run_experiment
-
-    root = tmp_path_factory.mktemp("experiment")
+def _write_data(root: Path) -> None:
+    """Two pretraining domains with held-out users and a target domain, under root/data."""
     write_small_dataset(
         root / "data",
         domains=("office", "games", "target"),
@@ -46,6 +41,16 @@ def twice(tmp_path_factory):
         pretrain_domains=("office", "games"),
         heldout_fraction=0.2,
     )
+
+
+@pytest.fixture(scope="module")
+def twice(tmp_path_factory):
+    import ray
+
+    from experiments.runner import run_experiment
+
+    root = tmp_path_factory.mktemp("experiment")
+    _write_data(root)
     try:
         first = run_experiment(_config(root))
         second = run_experiment(_config(root))
@@ -119,13 +124,7 @@ def test_a_pretraining_cell_cut_off_midway_continues_from_its_checkpoint(tmp_pat
 
     from experiments.runner import run_experiment
 
-    write_small_dataset(
-        tmp_path / "data",
-        domains=("office", "games", "target"),
-        num_users=40,
-        pretrain_domains=("office", "games"),
-        heldout_fraction=0.2,
-    )
+    _write_data(tmp_path)
     cfg = _config(tmp_path)
     cfg.pretrain_overrides.update(
         {"fault.kill_at_step": 3, "distributed.max_failures": 0, "distributed.checkpoint_every": 1}
