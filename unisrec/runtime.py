@@ -137,6 +137,16 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> bool:
         ray.init(address=address)
         return True
 
+    dashboard_port = free_port()
+    env = {
+        k: os.environ[k]
+        for k in (*LOOPBACK_ENV, VERBOSE_ENV, *QUIET_ENV, "DS_ACCELERATOR")
+        if k in os.environ
+    }
+    # Ray Train's placement-group cleaner finds the state API by looking for "the" local Ray;
+    # with another Ray instance on the machine (an endpoint, another job) it fails with a
+    # traceback. Name this instance's API server to it.
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     ray.init(
         address="local",  # a new local instance, never another user's Ray on this machine
         num_cpus=num_cpus or os.cpu_count(),
@@ -144,15 +154,9 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> bool:
         # dashboard serves; without it every check logs a warning.
         include_dashboard=True,
         dashboard_host="127.0.0.1",
-        dashboard_port=free_port(),
+        dashboard_port=dashboard_port,
         _node_ip_address="127.0.0.1",
-        runtime_env={
-            "env_vars": {
-                k: os.environ[k]
-                for k in (*LOOPBACK_ENV, VERBOSE_ENV, *QUIET_ENV, "DS_ACCELERATOR")
-                if k in os.environ
-            }
-        },
+        runtime_env={"env_vars": env},
         logging_level=logging.INFO if verbose() else logging.WARNING,
         log_to_driver=True,
     )
