@@ -27,7 +27,12 @@ from typing import Any, Literal
 from pretrain.model import BackboneConfig
 from unisrec.config import check_range
 from unisrec.errors import ConfigError
-from unisrec.tags import adaptor_model_name, validate_model_name, validate_tenant_name
+from unisrec.tags import (
+    adaptor_model_name,
+    finetune_experiment_name,
+    validate_model_name,
+    validate_tenant_name,
+)
 
 
 @dataclass
@@ -86,7 +91,9 @@ class EvalConfig:
 @dataclass
 class FinetuneMlflowConfig:
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
-    experiment: str = "unisrec-finetune"
+    # "" = unisrec-finetune-<tenant>: each tenant's runs in an experiment of its own, so a
+    # tracking server with users can let each tenant see only its own runs
+    experiment: str = ""
     registered_model: str = ""  # "" = unisrec-adaptor-<tenant>
     alias: str = "candidate"  # `unisrec promote` moves "production" (what `unisrec serve` serves)
 
@@ -146,6 +153,11 @@ class FinetuneConfig:
     def model_name(self) -> str:
         """The registered model of this tenant's adaptor."""
         return self.mlflow.registered_model or adaptor_model_name(self.tenant)
+
+    @property
+    def experiment_name(self) -> str:
+        """The MLflow experiment of this tenant's fine-tune runs."""
+        return self.mlflow.experiment or finetune_experiment_name(self.tenant)
 
     @property
     def resolved_output_dir(self) -> str:

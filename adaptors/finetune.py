@@ -4,8 +4,10 @@
     unisrec finetune benchmarks/configs/finetune-scientific.yaml \\
         backbone=models:/unisrec-backbone@latest mode=transductive
 
-1. check the tenant may use its model name; open its MLflow run (the same one on resume),
-   logging the domain's data and the backbone as the run's inputs
+1. check the tenant may use its model name and, on a tracking server with users, that this
+   user may read the backbone, log to the tenant's experiment and register its model (so a
+   refusal stops the job before it trains or registers anything); open its MLflow run (the
+   same one on resume), logging the domain's data and the backbone as the run's inputs
 2. load the domain: text vectors, training windows, valid and test splits
 3. build the model: pull the backbone (its encoder checked against the data) or start from
    scratch; freeze everything that does not train (see adaptors/config.py for the table)
@@ -307,7 +309,7 @@ def run_finetune(cfg: FinetuneConfig, restart: bool = False, progress: bool = Tr
     # 1. Names, paths and the MLflow run.
     cfg = resolve_paths(cfg)
     configure_mlflow(cfg.mlflow.tracking_uri)
-    claim_model_name(cfg.model_name, cfg.tenant)
+    check_access(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     resume = None if restart else _read_last(out, run_identity(cfg))
@@ -343,7 +345,11 @@ def run_finetune(cfg: FinetuneConfig, restart: bool = False, progress: bool = Tr
         sum(p.numel() for p in model.parameters()),
     )
 
-    set_experiment(cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
+    if resume:  # the run goes on in its own experiment (it may predate per-tenant ones)
+        run_experiment = mlflow.MlflowClient().get_run(resume["run_id"]).info.experiment_id
+        mlflow.set_experiment(experiment_id=run_experiment)
+    else:
+        set_experiment(cfg.experiment_name, cfg.mlflow.tracking_uri)
     with mlflow.start_run(run_id=resume["run_id"] if resume else None, run_name=cfg.tenant) as run:
         if not resume:
             mlflow.log_params(config_params(cfg))
@@ -423,20 +429,80 @@ def run_finetune(cfg: FinetuneConfig, restart: bool = False, progress: bool = Tr
     }
 
 
+def check_access(cfg: FinetuneConfig) -> None:
+    """Before anything trains or is written: the tenant may register its model name and, on a
+    tracking server with users, this user may register versions of it (EDIT), log runs to the
+    tenant's experiment (EDIT), and read the backbone and the run that holds its weights
+    (READ). Raises AccessDenied (unisrec/access.py) naming what is missing."""
+    from mlflow.tracking import MlflowClient
+
+    from unisrec import access
+
+    claim_model_name(cfg.model_name, cfg.tenant)
+    if access.server_user(cfg.mlflow.tracking_uri) is None:
+        return  # a store without users
+    client = MlflowClient()
+    with access.needs("EDIT", access.EXPERIMENT, cfg.experiment_name):
+        experiment = client.get_experiment_by_name(cfg.experiment_name)
+    if experiment is not None:  # else this user creates it (and may then write to it)
+        access.require("EDIT", access.EXPERIMENT, experiment.experiment_id, cfg.experiment_name)
+    if cfg.backbone == "none":
+        return
+    name, _, ref = cfg.backbone[len("models:/") :].partition("@")
+    name, _, number = name.partition("/")
+    with access.needs("READ", access.REGISTERED_MODEL, name):
+        try:
+            version = (
+                client.get_model_version_by_alias(name, ref)
+                if ref
+                else client.get_model_version(name, number)
+            )
+        except Exception as err:
+            if access.refusal_status(err):
+                raise
+            return  # not there: pull_backbone says so, with the backbone's URI
+    if version.run_id:
+        with access.needs(
+            "READ",
+            "the experiment of run",
+            version.run_id,
+            f"the pretraining run that holds the weights of {name} version {version.version}",
+        ):
+            client.get_run(version.run_id)
+
+
 def log_lineage_inputs(dataset: Dataset, domain: str, spec: AdaptorSpec) -> None:
     """The active run's inputs: the tenant's domain of the dataset (digest, domain) and,
-    when there is one, the backbone's logged model (which links the backbone's run)."""
+    when there is one, the backbone's logged model (which links the backbone's run).
+
+    A tracking server with users lets only a user with EDIT on the backbone's experiment
+    link its logged model (a tenant has READ): then the run goes without that input, and its
+    tags still name the backbone's version and run."""
     log_mlflow_input(dataset, context="finetuning", domains=[domain])
     if spec.backbone_name:
         import mlflow
         from mlflow.entities import LoggedModelInput
         from mlflow.tracking import MlflowClient
 
+        from unisrec.access import refusal_status
+
         model_id = logged_model_id(
             MlflowClient().get_model_version(spec.backbone_name, spec.backbone_version)
         )
         if model_id:
-            mlflow.log_input(model=LoggedModelInput(model_id=model_id))
+            try:
+                mlflow.log_input(model=LoggedModelInput(model_id=model_id))
+            except Exception as err:
+                if refusal_status(err) != 403:
+                    raise
+                log.info(
+                    "backbone %s v%s not linked as an input: the tracking server lets only "
+                    "its experiment's editors link it (tags %s, %s name it)",
+                    spec.backbone_name,
+                    spec.backbone_version,
+                    tags.BACKBONE_VERSION,
+                    tags.BACKBONE_RUN_ID,
+                )
 
 
 def logged_model_id(version) -> str | None:
@@ -523,7 +589,7 @@ def fit(
             "rng": torch.get_rng_state(),  # dropout and gate noise go on as if never stopped
         }
         _save(out / LAST_CHECKPOINT, {**checkpoint, **state})
-        log.info(
+        log.debug(
             "%s: epoch %d phases: train %.2f s, valid ranking %.2f s, rest %.2f s (incl. last.pt)",
             *(cfg.tenant, loop.epoch, timings["train_seconds"], timings["valid_seconds"]),
             time.perf_counter() - ranked,

@@ -36,25 +36,33 @@ ARTIFACT_PATH = "adaptor"  # the model's name inside its run
 
 
 def claim_model_name(name: str, tenant: str) -> None:
-    """Refuse to register ``name`` for ``tenant`` when it exists and is not that tenant's.
+    """Refuse to register ``name`` for ``tenant`` when it exists and is not that tenant's, or
+    when the tracking server does not let this user register versions of it (EDIT).
 
     A registered model without a ``unisrec.tenant`` tag (a backbone, say) is not ours either.
+    A server with users hides the models a user may not read, so there a name nobody granted
+    this user is refused although it may not exist: an admin creates tenants' models
+    (``unisrec tenants add``).
     """
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from unisrec import access
+
     try:
-        model = MlflowClient().get_registered_model(name)
+        with access.needs("EDIT", access.REGISTERED_MODEL, name):
+            model = MlflowClient().get_registered_model(name)
     except MlflowException as err:
         if err.error_code == "RESOURCE_DOES_NOT_EXIST":
             return  # does not exist yet
-        raise  # the registry did not answer the question (down, denied, ...)
+        raise  # the registry did not answer the question (down, ...)
     owner = model.tags.get(T.TENANT)
     if owner != tenant:
         raise ConfigError(
             f"mlflow.registered_model: {name!r} already exists and belongs to "
             f"{'tenant ' + repr(owner) if owner else 'no tenant'}; refusing to register tenant {tenant!r} over it"
         )
+    access.require("EDIT", access.REGISTERED_MODEL, name)
 
 
 def register_adaptor(
@@ -101,6 +109,9 @@ def register_adaptor(
                     Path(tmp) / "backbone", load_backbone(spec.backbone_uri)
                 )
             artifacts["backbone"] = str(backbone_dir)
+        # The run's own experiment, not this process's active one: each tenant's runs have
+        # an experiment of their own, and MLflow refuses to reopen a run of another.
+        mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=ARTIFACT_PATH,
@@ -121,11 +132,35 @@ def register_adaptor(
 
 
 def load_adaptor(uri: str):
-    """Load a registered adaptor as its :class:`AdaptorRecommender`
-    (``.model``, ``.spec``, ``.catalogue``, ``.artifact_paths``)."""
-    import mlflow.pyfunc
+    """Load a registered adaptor (``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``) as its
+    :class:`AdaptorRecommender` (``.model``, ``.spec``, ``.catalogue``, ``.artifact_paths``).
 
-    return mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    On a tracking server with users this needs READ on the registered model and on the
+    experiment of the run that logged it (its files); a refusal is AccessDenied naming which.
+    """
+    import mlflow.pyfunc
+    from mlflow.tracking import MlflowClient
+
+    from unisrec import access
+
+    if not uri.startswith("models:/"):
+        return mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    name, _, alias = uri[len("models:/") :].partition("@")
+    name, _, number = name.partition("/")
+    client = MlflowClient()
+    with access.needs("READ", access.REGISTERED_MODEL, name):
+        version = (
+            client.get_model_version_by_alias(name, alias)
+            if alias
+            else client.get_model_version(name, number)
+        )
+    with access.needs(
+        "READ",
+        "the experiment of run",
+        version.run_id or "?",
+        f"it holds the files of {name} version {version.version}",
+    ):
+        return mlflow.pyfunc.load_model(f"models:/{name}/{version.version}").unwrap_python_model()
 
 
 def pyfunc_signature():

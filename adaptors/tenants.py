@@ -87,7 +87,7 @@ def run_tenants(
     # tables or experiment would fail.
     for tenant_cfg in configs:
         configure_mlflow(tenant_cfg.mlflow.tracking_uri)
-        set_experiment(tenant_cfg.mlflow.experiment, tenant_cfg.mlflow.tracking_uri)
+        set_experiment(tenant_cfg.experiment_name, tenant_cfg.mlflow.tracking_uri)
 
     ensure_ray(ray_address)
     task = ray.remote(num_cpus=1)(finetune_task)

@@ -1,4 +1,5 @@
-"""The cluster's ``unisrec`` sub-commands: ``submit``, ``mlflow-server``, ``deepspeed-preset``.
+"""The cluster's ``unisrec`` sub-commands: ``submit``, ``mlflow-server``, ``tenants``,
+``deepspeed-preset``.
 
 ``recipes/cli.py`` adds them with ``register_commands(sub)``. Like the other commands, they
 import Ray and MLflow only when they run.
@@ -18,7 +19,8 @@ from unisrec.errors import ConfigError
 
 
 def register_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``submit``, ``mlflow-server`` and ``deepspeed-preset`` to the unisrec sub-parsers."""
+    """Add ``submit``, ``mlflow-server``, ``tenants`` and ``deepspeed-preset`` to the unisrec
+    sub-parsers."""
     presets = ", ".join(PRESETS)
     p = sub.add_parser(
         "submit",
@@ -92,7 +94,10 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
         help="run the MLflow tracking server the jobs log to (foreground; Ctrl-C stops it)",
         description="Starts `mlflow server` with a sqlite store under ROOT (or --backend-store-uri) and "
         "proxied artifacts under ROOT/artifacts (or --artifacts-destination), and prints the "
-        "MLFLOW_TRACKING_URI to export.",
+        "MLFLOW_TRACKING_URI to export. With --auth every call needs a user "
+        "(MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD) and nobody may do anything the "
+        "admin did not grant (`unisrec tenants`); the admin's password is read from "
+        "$UNISREC_ADMIN_PASSWORD.",
     )
     p.add_argument(
         "--root", default="runs/mlflow", help="directory for the store, artifacts and server.log"
@@ -110,7 +115,74 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
         "--backend-store-uri", default="", help="e.g. postgresql://user:pass@host/mlflow"
     )
     p.add_argument("--artifacts-destination", default="", help="e.g. s3://bucket/mlflow")
+    p.add_argument(
+        "--auth",
+        action="store_true",
+        help="users and permissions (MLflow's basic-auth app); needs $UNISREC_ADMIN_PASSWORD",
+    )
+    p.add_argument("--admin-user", default="admin", help="with --auth: the admin's user name")
+    p.add_argument(
+        "--auth-db-uri",
+        default="",
+        help="with --auth: the user store (default sqlite under ROOT/auth)",
+    )
     p.set_defaults(func=cmd_mlflow_server)
+
+    p = sub.add_parser(
+        "tenants",
+        help="tenants' users and permissions on a tracking server started with --auth (admin)",
+        description="Run with the admin's MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
+        "against MLFLOW_TRACKING_URI (or --tracking-uri). A tenant T gets EDIT on its registered "
+        "model unisrec-adaptor-T and its experiment unisrec-finetune-T (both created here) and "
+        "READ on the backbones; a reader gets READ on every tenant's adaptors and runs and on "
+        "the backbones (what `unisrec serve` needs). Nobody else gets anything.",
+    )
+    tenants_sub = p.add_subparsers(dest="tenants_command", required=True, metavar="SUBCOMMAND")
+    s = tenants_sub.add_parser(
+        "add",
+        help="a tenant's user, registered model and experiment, and its permissions",
+        description="Creates user NAME with the password in FILE (or sets it, if the user "
+        "exists), registered model unisrec-adaptor-NAME and experiment unisrec-finetune-NAME "
+        "(tagged unisrec.tenant=NAME) with EDIT for NAME, revokes other users' own grants on "
+        "them, and gives NAME READ on every backbone (role unisrec-tenants).",
+    )
+    s.add_argument("name", metavar="NAME", help="the tenant (a-z, 0-9, '_', '-')")
+    s.set_defaults(func=cmd_tenants_add)
+    s = tenants_sub.add_parser(
+        "add-reader",
+        help="a read-only user for serving: READ on every tenant's adaptors and the backbones",
+        description="Creates user NAME with the password in FILE (or sets it) and gives it READ "
+        "on every adaptor model, fine-tune experiment and backbone (role unisrec-readers).",
+    )
+    s.add_argument("name", metavar="NAME")
+    s.set_defaults(func=cmd_tenants_add_reader)
+    for s in (tenants_sub.choices["add"], tenants_sub.choices["add-reader"]):
+        s.add_argument(
+            "--password-file",
+            required=True,
+            metavar="FILE",
+            help="the user's password (12 characters or more; one trailing newline is dropped)",
+        )
+    s = tenants_sub.add_parser(
+        "sync",
+        help="grant the roles READ on backbones and adaptors registered since the last add",
+        description="Gives role unisrec-tenants READ on every backbone (and the experiments of "
+        "its runs) and role unisrec-readers READ on those and on every adaptor model and "
+        "fine-tune experiment. `tenants add` and `add-reader` do this too.",
+    )
+    s.set_defaults(func=cmd_tenants_sync)
+    s = tenants_sub.add_parser(
+        "list",
+        help="every user, what kind it is, and its permissions",
+        description="One line per user and permission: user, kind (admin, tenant, reader, "
+        "user), permission, resource, and whether the grant is the user's own or a role's.",
+    )
+    s.add_argument("--json", action="store_true", help="print the rows as JSON")
+    s.set_defaults(func=cmd_tenants_list)
+    for s in tenants_sub.choices.values():
+        s.add_argument(
+            "--tracking-uri", default="", help="the tracking server (default $MLFLOW_TRACKING_URI)"
+        )
 
     p = sub.add_parser(
         "deepspeed-preset",
@@ -166,17 +238,25 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_mlflow_server(args: argparse.Namespace) -> int:
-    from cluster.mlflow_server import start_server, stop_server
+    from cluster.mlflow_server import AuthSettings, start_server, stop_server
 
+    auth = AuthSettings.from_env(args.admin_user, args.auth_db_uri) if args.auth else None
     server = start_server(
         args.root,
         host=args.host,
         port=args.port,
         backend_store_uri=args.backend_store_uri,
         artifacts_destination=args.artifacts_destination,
+        auth=auth,
     )
     print(f"MLflow tracking server at {server.url} (log: {server.log_path}); Ctrl-C stops it.")
     print(f"  export MLFLOW_TRACKING_URI={server.url}", flush=True)
+    if auth is not None:
+        print(
+            f"  users on: every call needs MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
+            f"(admin: {auth.admin_username}); `unisrec tenants add NAME --password-file F`",
+            flush=True,
+        )
     # `kill PID` (as a process supervisor stops it) must also stop the server's children.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
@@ -185,6 +265,37 @@ def cmd_mlflow_server(args: argparse.Namespace) -> int:
         return 0
     finally:
         stop_server(server)
+
+
+def cmd_tenants_add(args: argparse.Namespace) -> int:
+    from cluster.accounts import add_tenant, connect, read_password_file
+
+    password = read_password_file(args.password_file)
+    print(json.dumps(add_tenant(connect(args.tracking_uri), args.name, password), indent=2))
+    return 0
+
+
+def cmd_tenants_add_reader(args: argparse.Namespace) -> int:
+    from cluster.accounts import add_reader, connect, read_password_file
+
+    password = read_password_file(args.password_file)
+    print(json.dumps(add_reader(connect(args.tracking_uri), args.name, password), indent=2))
+    return 0
+
+
+def cmd_tenants_sync(args: argparse.Namespace) -> int:
+    from cluster.accounts import connect, sync
+
+    print(json.dumps(sync(connect(args.tracking_uri)), indent=2))
+    return 0
+
+
+def cmd_tenants_list(args: argparse.Namespace) -> int:
+    from cluster.accounts import connect, format_user_rows, user_rows
+
+    rows = user_rows(connect(args.tracking_uri))
+    print(json.dumps(rows, indent=2) if args.json else format_user_rows(rows))
+    return 0
 
 
 def cmd_deepspeed_preset(args: argparse.Namespace) -> int:

@@ -10,6 +10,10 @@ A fine-tune registers its version with the alias ``candidate``; :func:`promote` 
 and which version it replaced. :func:`add_catalogue_version` registers a new version with the
 same weights and a longer catalogue, tagged with the version it extends. Tag names:
 ``unisrec/tags.py``; their meaning: docs/data-format.md, "Registry tags".
+
+On a tracking server with users, reading needs READ on the tenant's registered model and
+:func:`promote` and :func:`add_catalogue_version` need EDIT; they check before they change
+anything, and a refusal is one AccessDenied line (unisrec/access.py).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from unisrec import access
 from unisrec import tags as T
 from unisrec.errors import ConfigError
 
@@ -37,16 +42,27 @@ def alias_version(name: str, alias: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        return str(_client().get_model_version_by_alias(name, alias).version)
+        with access.needs("READ", access.REGISTERED_MODEL, name):
+            return str(_client().get_model_version_by_alias(name, alias).version)
     except MlflowException as err:
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
         raise
 
 
-def _versions(name: str) -> dict[str, object]:
-    """``{version: ModelVersion}`` of a registered model; ConfigError if there is none."""
-    found = {str(v.version): v for v in _client().search_model_versions(f"name='{name}'")}
+def _versions(name: str, permission: str = "READ") -> dict[str, object]:
+    """``{version: ModelVersion}`` of a registered model; ConfigError if there is none,
+    AccessDenied (naming ``permission``, what the caller needs) if the server hides it."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        with access.needs(permission, access.REGISTERED_MODEL, name):
+            client.get_registered_model(name)  # a search would hide a refusal as "none"
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    found = {str(v.version): v for v in client.search_model_versions(f"name='{name}'")}
     if not found:
         raise ConfigError(
             f"--tenant: no registered model {name!r} (fine-tune the tenant first: "
@@ -60,7 +76,8 @@ def promote(tenant: str, version: str | None = None, by: str | None = None) -> d
     ``candidate``). Tags the version with who, when and the production version it replaced.
     Promoting an earlier version is a rollback. Returns name, version and previous."""
     name = T.adaptor_model_name(tenant)
-    versions = _versions(name)
+    versions = _versions(name, "EDIT")
+    access.require("EDIT", access.REGISTERED_MODEL, name)
     if version is None:
         version = alias_version(name, T.CANDIDATE)
         if version is None:
@@ -76,7 +93,7 @@ def promote(tenant: str, version: str | None = None, by: str | None = None) -> d
     previous = alias_version(name, T.PRODUCTION) or "none"
     client = _client()
     stamp = {
-        T.PROMOTED_BY: by or getpass.getuser(),
+        T.PROMOTED_BY: by or _who(),
         T.PROMOTED_AT: datetime.now(UTC).isoformat(timespec="seconds"),
         T.PROMOTED_FROM: previous,
     }
@@ -84,6 +101,12 @@ def promote(tenant: str, version: str | None = None, by: str | None = None) -> d
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, T.PRODUCTION, version)
     return {"model": name, "version": version, "previous": previous}
+
+
+def _who() -> str:
+    """Who promotes: the tracking server's user when there is one, else the OS user."""
+    user = access.tracking_user()
+    return getpass.getuser() if user == "anonymous" else user
 
 
 def add_catalogue_version(
@@ -109,7 +132,8 @@ def add_catalogue_version(
     from unisrec.errors import DataError
 
     name = T.adaptor_model_name(tenant)
-    versions = _versions(name)
+    versions = _versions(name, "EDIT")
+    access.require("EDIT", access.REGISTERED_MODEL, name)
     production = alias_version(name, T.PRODUCTION)
     base = str(version) if version is not None else production
     if base is None:

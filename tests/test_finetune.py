@@ -232,6 +232,24 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(store):
     assert resumed["test"] == straight["test"]
 
 
+def test_each_tenant_logs_to_its_own_experiment_and_a_run_resumes_in_its_own(store):
+    first = run_finetune(
+        finetune_config(
+            store, "legacy", optim__max_epochs=1, optim__patience=5, mlflow__experiment="shared"
+        ),
+        progress=False,
+    )
+    # The default experiment is the tenant's own; a run started in another goes on there.
+    resumed = run_finetune(finetune_config(store, "legacy", optim__patience=5), progress=False)
+    assert resumed["run_id"] == first["run_id"] and resumed["epochs_run"] == 2
+    client = MlflowClient(store["uri"])
+    experiment = client.get_run(resumed["run_id"]).info.experiment_id
+    assert client.get_experiment(experiment).name == "shared"
+    fresh = run_finetune(finetune_config(store, "fresh", optim__max_epochs=1), progress=False)
+    experiment = client.get_run(fresh["run_id"]).info.experiment_id
+    assert client.get_experiment(experiment).name == "unisrec-finetune-fresh"
+
+
 def test_restart_ignores_last_checkpoint_and_changed_setup_is_refused(store):
     run_finetune(finetune_config(store, "restart", optim__max_epochs=1), progress=False)
     with pytest.raises(ConfigError, match="mode"):

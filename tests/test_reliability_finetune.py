@@ -127,7 +127,13 @@ def test_only_resource_does_not_exist_means_the_model_is_free(monkeypatch):
 
     answer("RESOURCE_DOES_NOT_EXIST")
     claim_model_name("unisrec-adaptor-acme", "acme")  # free
-    for code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "PERMISSION_DENIED"):
+    for code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE"):
         answer(code)
         with pytest.raises(MlflowException, match=code):
             claim_model_name("unisrec-adaptor-acme", "acme")
+    # A tracking server with users: the refusal names the permission the claim is for.
+    from unisrec.access import AccessDenied
+
+    answer("PERMISSION_DENIED")
+    with pytest.raises(AccessDenied, match="lacks EDIT on registered model 'unisrec-adaptor-acme'"):
+        claim_model_name("unisrec-adaptor-acme", "acme")

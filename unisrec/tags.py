@@ -12,7 +12,11 @@ from unisrec.errors import ConfigError
 
 # Registered model names.
 BACKBONE_MODEL = "unisrec-backbone"  # the pretraining job's default
+# Backbones are BACKBONE_MODEL and BACKBONE_MODEL-<suffix> (e.g. an experiment grid's cells).
 ADAPTOR_MODEL_PREFIX = "unisrec-adaptor-"  # + tenant name
+# A tenant's fine-tune runs go to an experiment of its own (permissions on a tracking server
+# with users are per experiment).
+FINETUNE_EXPERIMENT_PREFIX = "unisrec-finetune-"  # + tenant name
 # MLflow reserves the alias "latest": models:/NAME@latest always means the highest version.
 LATEST = "latest"
 # Adaptor aliases: a fine-tune registers its version as the candidate; `unisrec promote`
@@ -66,6 +70,16 @@ def validate_tenant_name(name: str) -> str:
 def adaptor_model_name(tenant: str) -> str:
     """The registered model a tenant's adaptor goes to by default."""
     return ADAPTOR_MODEL_PREFIX + validate_tenant_name(tenant)
+
+
+def finetune_experiment_name(tenant: str) -> str:
+    """The MLflow experiment a tenant's fine-tune runs go to by default."""
+    return FINETUNE_EXPERIMENT_PREFIX + validate_tenant_name(tenant)
+
+
+def is_backbone_model(name: str) -> bool:
+    """Whether a registered model name is a backbone's (``unisrec-backbone[-...]``)."""
+    return name == BACKBONE_MODEL or name.startswith(BACKBONE_MODEL + "-")
 
 
 def validate_model_name(name: str, tenant: str) -> str:

@@ -1,0 +1,168 @@
+"""Users of the tracking server: who a job runs as, what the server lets it do, and a refused
+call as one line that names the missing permission.
+
+A tracking server started with ``unisrec mlflow-server --auth`` (MLflow's basic-auth app)
+answers every call as some user, and grants each user a permission per experiment and per
+registered model: ``READ`` < ``EDIT`` (log runs, register versions, move aliases, set tags)
+< ``MANAGE`` (delete, grant). Jobs take credentials the way MLflow does, from
+``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD``. A refused call is HTTP 403
+(``PERMISSION_DENIED``); a missing or wrong password is HTTP 401 (``UNAUTHENTICATED``).
+
+Jobs check what they need before they change anything (:func:`require`), and wrap the calls
+that may still be refused in :func:`needs`, so a job ends with one
+``error: user 'acme' lacks EDIT on registered model 'unisrec-adaptor-globex'`` instead of a
+traceback and a half-done registration. On a store without users (sqlite, a server without
+``--auth``) every check passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from unisrec.errors import ConfigError
+
+USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
+PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
+# MLflow's permissions, weakest first (USE is for GenAI resources; NO_PERMISSIONS = nothing).
+PERMISSIONS = ("NO_PERMISSIONS", "READ", "USE", "EDIT", "MANAGE")
+# What the server calls the resources, and what a message calls them.
+REGISTERED_MODEL = "registered_model"
+EXPERIMENT = "experiment"
+RESOURCE_WORDS = {REGISTERED_MODEL: "registered model", EXPERIMENT: "experiment"}
+# The auth app's routes (mlflow/server/auth/routes.py); a server without it answers 404.
+CURRENT_USER = "/api/2.0/mlflow/users/current"
+USER_PERMISSION = "/api/3.0/mlflow/users/permissions/get"
+
+
+class AccessDenied(ConfigError):
+    """The tracking server refused this user a call; the message names the user, the
+    permission and the resource (or says the credentials were not accepted)."""
+
+
+def tracking_user() -> str:
+    """The user MLflow's client sends (``$MLFLOW_TRACKING_USERNAME``, else MLflow's
+    credentials file), or ``anonymous``."""
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    return read_mlflow_creds().username or "anonymous"
+
+
+def denied(permission: str, resource_type: str, name: str, hint: str = "") -> AccessDenied:
+    """``user 'acme' lacks EDIT on registered model 'unisrec-adaptor-globex'``."""
+    what = RESOURCE_WORDS.get(resource_type, resource_type)
+    line = f"user {tracking_user()!r} lacks {permission} on {what} {name!r}"
+    return AccessDenied(f"{line} ({hint})" if hint else line)
+
+
+def not_authenticated(uri: str) -> AccessDenied:
+    if tracking_user() != "anonymous":
+        return AccessDenied(
+            f"the tracking server at {uri} did not accept user {tracking_user()!r} "
+            f"(check {USERNAME_ENV} and {PASSWORD_ENV})"
+        )
+    return AccessDenied(
+        f"the tracking server at {uri} needs a user: set {USERNAME_ENV} and {PASSWORD_ENV}"
+    )
+
+
+def refusal_status(err: BaseException) -> int | None:
+    """401 or 403 when ``err`` is the tracking server refusing a call (a registry or tracking
+    call, or an artifact download), else None."""
+    code = getattr(err, "error_code", None)
+    if code == "PERMISSION_DENIED":
+        return 403
+    if code == "UNAUTHENTICATED":
+        return 401
+    status = getattr(getattr(err, "response", None), "status_code", None)  # requests.HTTPError
+    return status if status in (401, 403) else None
+
+
+def refusal_message(err: BaseException, uri: str = "") -> str | None:
+    """One line for a refused call no :func:`needs` block named (the CLI's last resort), or
+    None when ``err`` is not a refusal."""
+    status = refusal_status(err)
+    if status == 401:
+        return str(not_authenticated(uri or _tracking_uri()))
+    if status == 403:
+        call = str(err).split(" failed with", 1)[0].removeprefix("API request to endpoint ")
+        return (
+            f"user {tracking_user()!r} lacks a permission the tracking server requires for "
+            f"{call.strip()[:200]} (HTTP 403); `unisrec tenants list` shows who may do what"
+        )
+    return None
+
+
+@contextmanager
+def needs(permission: str, resource_type: str, name: str, hint: str = "") -> Iterator[None]:
+    """Turn the server refusing a call in the block into :class:`AccessDenied` saying the
+    block needs ``permission`` on the resource (401: the credentials were not accepted)."""
+    try:
+        yield
+    except Exception as err:
+        status = refusal_status(err)
+        if status == 403:
+            raise denied(permission, resource_type, name, hint) from err
+        if status == 401:
+            raise not_authenticated(_tracking_uri()) from err
+        raise
+
+
+def server_user(uri: str = "") -> dict | None:
+    """``{"username", "is_admin"}`` of the caller as the tracking server sees it; None when
+    the store has no users (not an http server, or a server without ``--auth``)."""
+    uri = uri or _tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    response = _get(uri, CURRENT_USER)
+    if response.status_code == 401:
+        raise not_authenticated(uri)
+    if response.status_code == 404:
+        return None
+    response.raise_for_status()
+    user = response.json()["user"]
+    return {"username": user["username"], "is_admin": bool(user.get("is_admin"))}
+
+
+def permission_on(resource_type: str, resource_id: str, uri: str = "") -> str:
+    """The caller's effective permission on one experiment (by id) or registered model (by
+    name), as the server resolves it for a real request: ``MANAGE`` for an admin."""
+    uri = uri or _tracking_uri()
+    user = server_user(uri)
+    if user is None or user["is_admin"]:
+        return "MANAGE"
+    response = _get(
+        uri,
+        USER_PERMISSION,
+        {"username": user["username"], "resource_type": resource_type, "resource_id": resource_id},
+    )
+    response.raise_for_status()
+    return response.json()["permission"]
+
+
+def require(
+    permission: str, resource_type: str, resource_id: str, name: str = "", uri: str = ""
+) -> None:
+    """Raise :class:`AccessDenied` unless the caller holds at least ``permission`` on the
+    resource (``name``: what the message calls it, default ``resource_id``). Passes on a
+    store without users."""
+    have = permission_on(resource_type, resource_id, uri)
+    if PERMISSIONS.index(have if have in PERMISSIONS else "NO_PERMISSIONS") < PERMISSIONS.index(
+        permission
+    ):
+        raise denied(permission, resource_type, name or resource_id, f"it has {have}")
+
+
+def _tracking_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def _get(uri: str, endpoint: str, params: dict | None = None):
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    return http_request(
+        get_default_host_creds(uri), endpoint, "GET", params=params, max_retries=0, timeout=10
+    )
