@@ -26,6 +26,7 @@ import requests
 import torch
 from helpers_data import write_small_dataset
 from mlflow.exceptions import MlflowException
+from mlflow.protos import databricks_pb2
 from mlflow.tracking import MlflowClient
 
 from adaptors.catalogue import Catalogue
@@ -44,7 +45,7 @@ from cluster.mlflow_server import (
 from pretrain.model import BackboneConfig, UniSRec
 from pretrain.registry import register_backbone
 from unisrec import tags as T
-from unisrec.access import refusal_status
+from unisrec.access import refusal_message, refusal_status
 from unisrec.config import from_dict
 from unisrec.runtime import free_port
 from unisrec.tracking import set_experiment
@@ -243,6 +244,29 @@ def test_nobody_gets_anything_without_a_user(platform):
         line
         == f"error: the tracking server at {url} needs a user: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
     )
+
+
+def test_a_refusal_no_job_named_is_still_one_line(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "acme")
+    rest = MlflowException(
+        "API request to endpoint /api/2.0/mlflow/runs/create failed with error code 403 != 200. "
+        "Response body: 'Permission denied'",
+        error_code=databricks_pb2.PERMISSION_DENIED,
+    )
+    assert refusal_message(rest).startswith(
+        "user 'acme' lacks a permission the tracking server requires for "
+        "/api/2.0/mlflow/runs/create (HTTP 403)"
+    )
+    response = requests.Response()
+    response.status_code, response.url = (
+        403,
+        "http://127.0.0.1:5000/api/2.0/mlflow-artifacts/artifacts?path=1",
+    )
+    download = requests.HTTPError("403 Client Error: Forbidden", response=response)
+    assert "requires for /api/2.0/mlflow-artifacts/artifacts (HTTP 403)" in refusal_message(
+        download
+    )
+    assert refusal_message(ValueError("no")) is None
 
 
 # --- tenants ----------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 from unisrec.errors import ConfigError
 
@@ -85,7 +86,12 @@ def refusal_message(err: BaseException, uri: str = "") -> str | None:
     if status == 401:
         return str(not_authenticated(uri or _tracking_uri()))
     if status == 403:
-        call = str(err).split(" failed with", 1)[0].removeprefix("API request to endpoint ")
+        url = getattr(getattr(err, "response", None), "url", None)  # requests.HTTPError
+        call = (
+            urlsplit(url).path
+            if url
+            else str(err).split(" failed with", 1)[0].removeprefix("API request to endpoint ")
+        )
         return (
             f"user {tracking_user()!r} lacks a permission the tracking server requires for "
             f"{call.strip()[:200]} (HTTP 403); `unisrec tenants list` shows who may do what"
