@@ -157,13 +157,16 @@ def _run_pretrain(cfg: PretrainConfig, resume: bool, opened: dict[str, str], loc
     started = time.perf_counter()
     result = _fit_with_restarts(make_trainer, cfg.distributed.max_failures, storage / run_name)
     wall = time.perf_counter() - started
-    if result.checkpoint is None:
+    # A run resumed after its last step (cut off while registering, say) trains and reports
+    # nothing new: its final checkpoint is the newest whole one on disk.
+    final = result.checkpoint or _newest_whole(storage / run_name, cfg.distributed.num_workers)
+    if final is None:
         raise RuntimeError("pretraining finished without a checkpoint")
 
     # 3. One fp32 backbone from the best (possibly ZeRO-partitioned) checkpoint.
-    chosen = _best_checkpoint(result, cfg.distributed.num_workers)
+    chosen = _best_checkpoint(result, cfg.distributed.num_workers) or final
     model, chosen_state = _consolidate(chosen, cfg, dataset.encoder_dim)
-    final_metrics = {**_train_state(result.checkpoint), **_last_losses(run_id)}
+    final_metrics = {**_train_state(final), **_last_losses(run_id)}
     best = final_metrics.get("best")  # the held-out record of the chosen checkpoint
     chosen_tags = {
         tags.CHECKPOINT_STEP: str(chosen_state.get("step")),
@@ -205,7 +208,7 @@ def _run_pretrain(cfg: PretrainConfig, resume: bool, opened: dict[str, str], loc
         "final_loss_seq_item": final_metrics.get("loss_seq_item"),
         "final_loss_seq_seq": final_metrics.get("loss_seq_seq"),
         "first_loss": history[0][1] if history else None,
-        "checkpoint": result.checkpoint.path,
+        "checkpoint": final.path,
         "registered_checkpoint": chosen.path,
         "registered_step": chosen_state.get("step"),
         "best_heldout": best,  # step, epoch, heldout_loss (+ per domain) of the registered one
@@ -292,6 +295,16 @@ def _deterministic_error(err: Exception, run_dir: Path) -> Exception | None:
             name = f"{type(failure).__module__}.{type(failure).__name__}: "
             return type(failure)(last.removeprefix(name))
     return None
+
+
+def _newest_whole(run_dir: Path, workers: int):
+    """The newest whole checkpoint directory of the run, as a Ray checkpoint (or None)."""
+    from ray.train import Checkpoint
+
+    from pretrain.checkpoint_files import newest_whole_checkpoint
+
+    path = newest_whole_checkpoint(run_dir, workers)
+    return Checkpoint.from_directory(str(path)) if path else None
 
 
 def _best_checkpoint(result, workers: int):

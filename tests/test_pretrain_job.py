@@ -283,6 +283,13 @@ def test_pretraining_stops_at_the_first_epoch_whose_heldout_gain_is_below_the_ba
     assert summary["stopped_on_plateau"] is True
     assert summary["samples_seen"] == 2 * 72
     assert summary["steps"] == 2 * 3
+    # Resumed after its last step (as when the driver died while registering): nothing is
+    # trained again, and the same backbone is consolidated and registered once more.
+    again = run_pretrain(cfg, resume=True)
+    assert again["run_id"] == summary["run_id"]
+    assert (again["steps"], again["samples_seen"]) == (summary["steps"], summary["samples_seen"])
+    assert again["registered_step"] == summary["registered_step"]
+    assert int(again["model_version"]) == int(summary["model_version"]) + 1
 
 
 def test_plateau_rule_compares_with_the_previous_epochs_heldout_loss():
