@@ -29,6 +29,7 @@ from adaptors.catalogue import Catalogue
 from adaptors.topk import catalogue_item_vectors, parse_history, top_k
 from unisrec import tags as T
 from unisrec.errors import ConfigError
+from unisrec.runtime import library_output
 
 # Distributions the pyfunc's code imports when it loads and predicts (pinned at log time).
 SERVING_REQUIREMENTS = ("torch", "numpy", "pandas", "pyarrow", "pyyaml", "mlflow")
@@ -112,7 +113,7 @@ def register_adaptor(
         # The run's own experiment, not this process's active one: each tenant's runs have
         # an experiment of their own, and MLflow refuses to reopen a run of another.
         mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=run_id), library_output():  # MLflow prints registrations
             info = mlflow.pyfunc.log_model(
                 name=ARTIFACT_PATH,
                 python_model=AdaptorRecommender(),
