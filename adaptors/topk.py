@@ -1,12 +1,17 @@
 """Top-k recommendations from a tenant's model and catalogue.
 
 recs = top_k(model, spec, catalogue, [["item-a", "item-b"]], k=10)   # [[(key, score)]]
+
+A caller that ranks the same catalogue again and again (a server) keeps its
+:class:`RankingTable` and passes ``table=``: the adaptor over the whole catalogue, and the
+candidates' normalisation, are then paid once instead of on every call.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -14,7 +19,7 @@ import torch.nn.functional as F
 
 from adaptors.bundle import AdaptorSpec
 from adaptors.catalogue import Catalogue
-from pretrain.model import SequenceRecommender
+from pretrain.model import SequenceRecommender, UniSRec
 
 
 def parse_history(history: str | Sequence[str]) -> list[str]:
@@ -39,6 +44,55 @@ def catalogue_item_vectors(
     return model.catalogue_vectors(text, ids)
 
 
+@dataclass(frozen=True)
+class RankingTable:
+    """A model's catalogue made ready for ranking: computed once per model and catalogue.
+
+    item_vectors: ``(C+1, H)`` float32, :func:`catalogue_item_vectors` (row 0 zeros): what the
+        encoder reads histories from.
+    candidates: ``(C, H)`` float32, items 1..C as the model's ``score`` uses them. For
+        :class:`~pretrain.model.UniSRec` they are L2-normalised once here (``score``
+        normalises the candidates on every call: ~90 ms for 100,000 items on one core,
+        against ~15 ms for the product itself); otherwise they are the item vectors.
+    """
+
+    item_vectors: torch.Tensor
+    candidates: torch.Tensor
+
+
+def _scores_prepared(model: SequenceRecommender) -> bool:
+    """Whether :func:`_score` may use normalised candidates: only for UniSRec's own ``score``
+    (a subclass that changes it is scored through its ``score``)."""
+    return isinstance(model, UniSRec) and type(model).score is UniSRec.score
+
+
+@torch.no_grad()
+def ranking_table(
+    model: SequenceRecommender,
+    spec: AdaptorSpec,
+    catalogue: Catalogue,
+    item_vectors: torch.Tensor | None = None,
+) -> RankingTable:
+    """The :class:`RankingTable` of this model and catalogue (``item_vectors``: already
+    computed :func:`catalogue_item_vectors`, reused)."""
+    vectors = (
+        item_vectors if item_vectors is not None else catalogue_item_vectors(model, spec, catalogue)
+    )
+    candidates = F.normalize(vectors[1:], dim=-1) if _scores_prepared(model) else vectors[1:]
+    return RankingTable(vectors, candidates)
+
+
+def _score(
+    model: SequenceRecommender, queries: torch.Tensor, table: RankingTable, temperature: float
+) -> torch.Tensor:
+    """``model.score(queries, table.item_vectors[1:], temperature)``, ``(B, H)`` -> ``(B, C)``,
+    with the candidates' part done once: UniSRec's ``score`` step for step, so the values
+    are the same bit for bit (tests/test_serving.py holds the two together)."""
+    if _scores_prepared(model):
+        return (F.normalize(queries, dim=-1) / temperature) @ table.candidates.T
+    return model.score(queries, table.candidates, temperature)
+
+
 @torch.no_grad()
 def top_k(
     model: SequenceRecommender,
@@ -48,6 +102,7 @@ def top_k(
     k: int = 10,
     exclude_history: bool = True,
     item_vectors: torch.Tensor | None = None,
+    table: RankingTable | None = None,
 ) -> list[list[tuple[str, float]]]:
     """The ``k`` best catalogue items (key, score) for each history of item keys.
 
@@ -55,14 +110,17 @@ def top_k(
     no item of the whole history is recommended again. ``item_vectors``: the
     :func:`catalogue_item_vectors` of this model and catalogue, ``(C+1, H)``, when the caller
     keeps them (a server does: running the adaptor over the whole catalogue costs far more
-    than encoding one history); computed here otherwise.
+    than encoding one history); computed here otherwise. ``table``: the
+    :func:`ranking_table` of this model and catalogue, which a server keeps instead (it
+    includes the item vectors). All histories are encoded in one pass, padded to the
+    longest, and scored in one ``(B, C)`` product.
     """
     if any(not h for h in histories):
         raise ValueError("every history needs at least one item")
     model.eval()
-    items = (
-        item_vectors if item_vectors is not None else catalogue_item_vectors(model, spec, catalogue)
-    )
+    if table is None:
+        table = ranking_table(model, spec, catalogue, item_vectors)
+    items = table.item_vectors
     max_len = model.max_seq_len
     seen = [catalogue.indexes(h) for h in histories]
     indexes = [idx[-max_len:] for idx in seen]
@@ -71,7 +129,7 @@ def top_k(
     for row, idx in enumerate(indexes):
         padded[row, : len(idx)] = torch.tensor(idx)
     last = model.last(model.encode(padded, items), lengths)  # (B, H)
-    scores = model.score(last, items[1:], spec.temperature)  # (B, C)
+    scores = _score(model, last, table, spec.temperature)  # (B, C)
     scores = F.pad(scores, (1, 0), value=float("-inf"))  # (B, C+1)
     if spec.baseline == "sasrec":
         scores[:, spec.num_items + 1 :] = float("-inf")

@@ -128,6 +128,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         max_tenants_per_replica=args.max_tenants_per_replica,
         alias_refresh_s=args.alias_refresh,
+        request_timeout_s=args.request_timeout,
+        max_batch_size=args.max_batch_size,
+        torch_threads=args.torch_threads,
+        colocate=args.colocate,
         tracking_uri=args.tracking_uri,
     )
     url = start(cfg)
@@ -290,6 +294,25 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--alias-refresh", type=float, default=5.0, help="seconds a resolved alias is trusted"
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=10.0,
+        help="seconds before a request not yet answered gets a 503",
+    )
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=32,
+        help="concurrent requests of a tenant ranked in one pass",
+    )
+    p.add_argument("--torch-threads", type=int, default=1, help="torch threads per model replica")
+    p.add_argument(
+        "--colocate",
+        action="store_true",
+        help="ingress and models in one deployment (--replicas of it): no hop between them, "
+        "but a replica lost mid-request is answered by Ray Serve's proxy (a plain 500), not a 503",
     )
     p.add_argument(
         "--tracking-uri",

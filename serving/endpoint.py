@@ -2,20 +2,37 @@
 
     POST /recommend/<tenant>   {"history": ["item-key", ...], "k": 10}
       200 {"tenant": T, "version": V, "items": [{"key": K, "text": TEXT, "score": S}, ...]}
-      4xx {"error": "what is wrong"}                 (the endpoint keeps serving)
+      400 / 404 / 413 {"error": "what is wrong"}     (bad request, unknown tenant, body too large)
+      503 {"error": "..."} + Retry-After             (the version cannot be loaded, or no answer
+                                                      within request_timeout_s)
+    GET  /-/healthz            Ray Serve's proxy: 200 "success" while it runs (liveness)
+    GET  /-/ready              200 when every served tenant's version is loaded or loadable,
+                               else 503; per tenant {"version", "ready", "error"}
     GET  /-/tenants            {tenant: version served now}
-    GET  /-/stats              per replica: tenants loaded, backbones held
+    GET  /-/stats              the ingress's counters and one model replica's
 
 Two deployments:
 
-* ``Endpoint`` (ingress, FastAPI): checks the request, resolves the tenant's ``production``
-  alias to a version (re-read every ``alias_refresh_s`` seconds, so a promotion or a
-  ``unisrec catalogue add`` reaches the endpoint without a restart), and calls
+* ``Endpoint`` (the ingress, FastAPI, one replica, no torch): checks the request, resolves
+  the tenant's ``production`` alias (cached; re-read in the background every
+  ``alias_refresh_s``; a new version is loaded before traffic moves to it), and hands the
+  request to the tenant version's :class:`BatchQueue`: concurrent requests of one version
+  go to ``TenantModels`` as one call. It owns every answer: a model replica that dies
+  mid-call is retried (an answer is idempotent) until the request's deadline, then 503.
 * ``TenantModels`` (``replicas`` replicas): loads a tenant version on first use with
-  ``@serve.multiplexed`` (at most ``max_tenants_per_replica``, least recently used dropped)
-  and ranks its catalogue. Requests for a version are routed to a replica that holds it.
-  Tenants on the same backbone version share one copy of its frozen sequence encoder; a
-  loaded version keeps its catalogue's item vectors, so a request encodes only its history.
+  ``@serve.multiplexed`` (at most ``max_tenants_per_replica``, least recently used dropped),
+  keeps its :class:`~adaptors.topk.RankingTable` (the catalogue's item vectors, ready to
+  score), and ranks a call's requests with one encoder pass and one scoring product in its
+  own thread, off the replica's event loop. Calls of a version are routed to replicas that
+  hold it. Tenants on the same backbone version share one copy of its frozen encoder parts. A
+  version that fails to load is remembered for ``alias_refresh_s`` and answered with a 503
+  naming it.
+
+Why the time goes where it goes (docs/benchmarks.md, "Serving"): every request crosses the
+proxy and the ingress; the hop to a model replica is paid once per batch, not per request.
+``colocate`` (``unisrec serve --colocate``) puts the models in the ingress's replicas: no hop
+at all (a lone request about a third faster), but a replica lost mid-request is then
+answered by Ray Serve's proxy (its plain-text 500), not by the ingress's 503.
 
 Everything binds to 127.0.0.1.
 """
@@ -24,25 +41,38 @@ Everything binds to 127.0.0.1.
 # (``request: Request``) at run time, and Request is imported inside build_app.
 import asyncio
 import json
+import logging
+import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 
 from unisrec import tags as T
 from unisrec.errors import ConfigError
 
 APP_NAME = "unisrec"
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass
 class EndpointConfig:
     tenants: list[str] = field(default_factory=list)  # tenants served; others get 404
     port: int = 8000  # on 127.0.0.1
-    replicas: int = 1  # TenantModels replicas
+    replicas: int = 1  # TenantModels replicas (colocated: Endpoint replicas)
     max_tenants_per_replica: int = 8  # loaded tenant versions per replica (LRU)
     alias: str = T.PRODUCTION  # the alias served
     alias_refresh_s: float = 5.0  # how long a resolved alias is trusted
     max_k: int = 1000
-    torch_threads: int = 1  # per replica
+    torch_threads: int = 1  # per model replica
+    max_batch_size: int = 32  # requests of one tenant version ranked in one pass
+    calls_per_replica: int = 1  # a version's calls in flight per model replica
+    request_timeout_s: float = 10.0  # a request not answered by then gets a 503
+    max_body_bytes: int = 65536  # a larger request body gets a 413
+    access_log: bool = False  # Ray Serve's line per request (costs CPU on every hop)
+    # Ingress and models in one deployment: no hop between them (a lone request about a
+    # third faster), but a replica lost mid-request is answered by Ray Serve's proxy (its
+    # own plain-text 500), not with a 503, and new requests wait for its replacement.
+    colocate: bool = False
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
 
     def validate(self) -> None:
@@ -52,6 +82,10 @@ class EndpointConfig:
             T.validate_tenant_name(tenant)
         if self.replicas < 1 or self.max_tenants_per_replica < 1:
             raise ConfigError("--replicas and --max-tenants-per-replica must be >= 1")
+        if self.max_batch_size < 1 or self.calls_per_replica < 1:
+            raise ConfigError("--max-batch-size and calls_per_replica must be >= 1")
+        if self.request_timeout_s <= 0 or self.alias_refresh_s <= 0:
+            raise ConfigError("--request-timeout and --alias-refresh must be > 0")
 
 
 class RequestError(Exception):
@@ -99,26 +133,172 @@ def check_tenants(cfg: EndpointConfig) -> dict[str, str]:
     return versions  # type: ignore[return-value]
 
 
+class BatchQueue:
+    """Requests of one tenant version waiting to be ranked together.
+
+    A request leaves at once while fewer than ``max_in_flight`` calls are out; otherwise it
+    waits, and the waiting requests leave together (at most ``max_batch_size``) as soon as a
+    call returns. A lone request waits for nothing (no timer, unlike ``@serve.batch``, whose
+    every batch waits ``batch_wait_timeout_s`` for company); under load a batch is whatever
+    arrived during the previous call. ``send(items, deadline)`` ranks one batch and returns
+    one result per item; its exception goes to every request of the batch. ``deadline`` is
+    the oldest request's (``time.monotonic()``).
+    """
+
+    def __init__(
+        self,
+        send: Callable[[list, float], Awaitable[list]],
+        max_batch_size: int,
+        max_in_flight: int,
+    ):
+        self.send = send
+        self.max_batch_size = max_batch_size
+        self.max_in_flight = max_in_flight
+        self.waiting: list[tuple[object, float, asyncio.Future]] = []
+        self.in_flight = 0
+        self.batches = 0
+        self.requests = 0
+        self.call_seconds = 0.0  # summed round trips of the calls
+        self.calls: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
+
+    async def submit(self, item: object, deadline: float):
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((item, deadline, future))
+        if self.in_flight < self.max_in_flight:
+            self._launch()
+        return await future
+
+    def _launch(self) -> None:
+        batch = self.waiting[: self.max_batch_size]
+        del self.waiting[: self.max_batch_size]
+        self.in_flight += 1
+        self.batches += 1
+        self.requests += len(batch)
+        task = asyncio.create_task(self._run(batch))
+        self.calls.add(task)
+        task.add_done_callback(self.calls.discard)
+
+    async def _run(self, batch: list[tuple[object, float, asyncio.Future]]) -> None:
+        started = time.perf_counter()
+        try:
+            results = await self.send([item for item, _, _ in batch], min(d for _, d, _ in batch))
+        except Exception as err:  # noqa: BLE001 - every request of the batch gets it
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(err)
+        else:
+            for (_, _, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+        finally:
+            self.call_seconds += time.perf_counter() - started
+            self.in_flight -= 1
+            if self.waiting and self.in_flight < self.max_in_flight:
+                self._launch()
+
+
+def rank_requests(recommender, table, requests: list[tuple[list[str], int]]) -> list[dict]:
+    """One answer per ``(history, k)``: ``{"items": [{"key", "text", "score"}]}`` or
+    ``{"status": 400, "error": ...}``. The valid histories are ranked together: one encoder
+    pass over them, one ``(B, C)`` scoring product, top-k of the largest k, each cut to its
+    own k (so each answer is :func:`~adaptors.topk.top_k`'s for its history alone, up to
+    float rounding of the batched products)."""
+    from adaptors.topk import top_k
+
+    catalogue = recommender.catalogue
+    answers: list[dict | None] = [None] * len(requests)
+    valid = []
+    for row, (history, k) in enumerate(requests):
+        unknown = [h for h in history if h not in catalogue]
+        if k > len(catalogue):
+            answers[row] = _error(400, f"k: {k} exceeds the catalogue's {len(catalogue)} items")
+        elif unknown:
+            answers[row] = _error(400, f"history: unknown item key(s) {unknown[:5]}")
+        else:
+            valid.append(row)
+    if valid:
+        ranked = top_k(
+            recommender.model,
+            recommender.spec,
+            catalogue,
+            [requests[row][0] for row in valid],
+            k=max(requests[row][1] for row in valid),
+            table=table,
+        )
+        for row, recs in zip(valid, ranked, strict=True):
+            recs = recs[: requests[row][1]]
+            indexes = catalogue.indexes([key for key, _ in recs])
+            answers[row] = {
+                "items": [
+                    {"key": key, "text": catalogue.texts[index - 1], "score": score}
+                    for (key, score), index in zip(recs, indexes, strict=True)
+                ]
+            }
+    return answers  # type: ignore[return-value]
+
+
+def share_frozen_encoder(model, shared: dict) -> None:
+    """Point the parts of ``model.encoder`` that fine-tuning froze (the Transformer blocks,
+    the positions) at the copies in ``shared`` (``{part name: module}``, filled by the first
+    model of a backbone version), keeping the parts the tenant tuned (the input LayerNorm) as
+    its own."""
+    tuned = {id(p) for p in model.tuned_parameters()}
+    for name, part in list(model.encoder.named_children()):
+        parameters = list(part.parameters())
+        if parameters and not any(id(p) in tuned for p in parameters):
+            setattr(model.encoder, name, shared.setdefault(name, part))
+
+
+def _error(status: int, message: str) -> dict:
+    return {"status": status, "error": message}
+
+
+def _timed(function, *args):
+    started = time.perf_counter()
+    return function(*args), time.perf_counter() - started
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
 def build_app(cfg: EndpointConfig):
     """The Ray Serve application (pass it to ``serve.run``)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
     from ray import serve
+    from ray.exceptions import RayActorError, WorkerCrashedError
+    from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
     api = FastAPI(title="unisrec recommendations")
     settings = asdict(cfg)
+    logging_config = {"enable_access_log": cfg.access_log}
+    # A model replica died or is being replaced: the same call again reaches another replica
+    # or the replacement.
+    replica_gone = (RayActorError, WorkerCrashedError, ReplicaUnavailableError, BackPressureError)
 
-    @serve.deployment(num_replicas=cfg.replicas, ray_actor_options={"num_cpus": 0})
     class TenantModels:
         def __init__(self, settings: dict):
+            from concurrent.futures import ThreadPoolExecutor
+
             import torch
 
             from unisrec.tracking import configure_mlflow
 
             torch.set_num_threads(settings["torch_threads"])
             configure_mlflow(settings["tracking_uri"])
-            self.encoders: dict = {}  # (backbone name, version) -> shared SequenceEncoder
+            self.retry_load_s = settings["alias_refresh_s"]
+            self.encoders: dict = {}  # (backbone name, version) -> {frozen encoder part: module}
             self.loaded: list[str] = []
+            self.failed: dict[str, tuple[str, float]] = {}  # model id -> (message, when)
+            # Ranking runs here, one batch at a time: the event loop keeps taking calls.
+            self.ranker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rank")
+            # rank: ranking itself; wait: queued behind another call's ranking
+            self.counts = {"calls": 0, "requests": 0, "rank_seconds": 0.0, "wait_seconds": 0.0}
 
         @serve.multiplexed(max_num_models_per_replica=cfg.max_tenants_per_replica)
         async def tenant_model(self, model_id: str):
@@ -126,87 +306,257 @@ def build_app(cfg: EndpointConfig):
 
         def _load(self, model_id: str):
             from adaptors.publish import load_adaptor
+            from adaptors.topk import ranking_table
 
             name, version = model_id.rsplit("/", 1)
             recommender = load_adaptor(f"models:/{name}/{version}")
             spec = recommender.spec
             if spec.backbone_name and not spec.trains_everything:
-                # The encoder is the backbone's, frozen: one copy serves every tenant on it.
+                # The encoder's frozen parts are the backbone's: one copy for every tenant on it.
                 key = (spec.backbone_name, spec.backbone_version)
-                recommender.model.encoder = self.encoders.setdefault(key, recommender.model.encoder)
+                share_frozen_encoder(recommender.model, self.encoders.setdefault(key, {}))
+            table = ranking_table(
+                recommender.model, spec, recommender.catalogue, recommender.item_vectors
+            )
             self.loaded.append(model_id)
-            return recommender
+            return recommender, table
 
-        async def recommend(self, history: list[str], k: int) -> dict:
-            from adaptors.topk import top_k
+        async def _model(self, model_id: str):
+            """The loaded ``(recommender, table)``, or an error answer naming the version."""
+            failed = self.failed.get(model_id)
+            if failed and time.monotonic() - failed[1] < self.retry_load_s:
+                return _error(503, failed[0])
+            try:
+                model = await self.tenant_model(model_id)
+            except Exception as err:  # noqa: BLE001 - unreadable artifacts, a bad version
+                name, version = model_id.rsplit("/", 1)
+                first_line = (str(err).strip().splitlines() or [""])[0][:300]
+                message = (
+                    f"version {version} of {name} cannot be loaded "
+                    f"({type(err).__name__}: {first_line}); promote a working version "
+                    "(unisrec promote --tenant TENANT --version N)"
+                )
+                logger.exception("loading %s failed", model_id)
+                self.failed[model_id] = (message, time.monotonic())
+                return _error(503, message)
+            self.failed.pop(model_id, None)
+            return model
 
-            recommender = await self.tenant_model(serve.get_multiplexed_model_id())
-            catalogue = recommender.catalogue
-            if k > len(catalogue):
-                return _error(400, f"k: {k} exceeds the catalogue's {len(catalogue)} items")
-            unknown = [h for h in history if h not in catalogue]
-            if unknown:
-                return _error(400, f"history: unknown item key(s) {unknown[:5]}")
-            recs = top_k(
-                recommender.model,
-                recommender.spec,
-                catalogue,
-                [history],
-                k=k,
-                item_vectors=recommender.item_vectors,  # computed once, when it loaded
-            )[0]
-            return {
-                "items": [
-                    {"key": key, "text": catalogue.texts[index - 1], "score": score}
-                    for (key, score), index in zip(
-                        recs, catalogue.indexes([key for key, _ in recs]), strict=True
-                    )
-                ]
-            }
+        async def rank(
+            self, requests: list[tuple[list[str], int]], model_id: str = ""
+        ) -> list[dict]:
+            model = await self._model(model_id or serve.get_multiplexed_model_id())
+            if isinstance(model, dict):
+                return [model] * len(requests)
+            started = time.perf_counter()
+            answers, seconds = await asyncio.get_running_loop().run_in_executor(
+                self.ranker, _timed, rank_requests, *model, requests
+            )
+            self.counts["calls"] += 1
+            self.counts["requests"] += len(requests)
+            self.counts["rank_seconds"] += seconds
+            self.counts["wait_seconds"] += time.perf_counter() - started - seconds
+            return answers
+
+        async def ready(self, model_id: str = "") -> dict:
+            """Load this call's version (if it is not loaded): ``{}`` or an error answer."""
+            model = await self._model(model_id or serve.get_multiplexed_model_id())
+            return model if isinstance(model, dict) else {}
 
         def stats(self) -> dict:
-            return {"backbones": len(self.encoders), "loaded": list(self.loaded)}
+            return {
+                "backbones": len(self.encoders),
+                "loaded": list(self.loaded),
+                "failed": {k: m for k, (m, _) in self.failed.items()},
+                "pid": os.getpid(),
+                "rss_mib": _rss_mib(),
+                **self.counts,
+            }
 
-    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    @serve.deployment(
+        num_replicas=cfg.replicas if cfg.colocate else 1,
+        # The ingress takes every request the proxy has: a replica at its limit makes the
+        # proxy back off and retry (the old default of 5 queued 8 clients there).
+        max_ongoing_requests=1000,
+        ray_actor_options={"num_cpus": 0},
+        logging_config=logging_config,
+    )
     @serve.ingress(api)
     class Endpoint:
         def __init__(self, models, settings: dict):
             from unisrec.tracking import configure_mlflow
 
             configure_mlflow(settings["tracking_uri"])
-            self.models = models
+            self.models = models  # a handle to the TenantModels deployment, or None:
+            self.local = None if models is not None else TenantModels(settings)  # colocated
             self.cfg = EndpointConfig(**settings)
-            self.versions: dict[str, tuple[str | None, float]] = {}
+            self.versions: dict[str, tuple[str | None, float]] = {}  # tenant -> (version, when)
+            self.refreshing: dict[str, asyncio.Task] = {}
+            self.queues: dict[str, BatchQueue] = {}
+            self.handles: dict = {}
+            # handle_seconds: from the request's arrival here to its answer, summed
+            self.counts = {
+                "answered": 0,
+                "handle_seconds": 0.0,
+                "retries": 0,
+                "timeouts": 0,
+                "errors": 0,
+            }
+
+        # --- which version serves a tenant ---------------------------------------------
 
         async def _version(self, tenant: str) -> str:
             if tenant not in self.cfg.tenants:
                 raise RequestError(
                     404, f"tenant {tenant!r} is not served here (serving: {self.cfg.tenants})"
                 )
-            version, fetched = self.versions.get(tenant, (None, 0.0))
-            if version is None or time.monotonic() - fetched > self.cfg.alias_refresh_s:
-                from serving.lifecycle import alias_version
-
-                name = T.adaptor_model_name(tenant)
-                version = await asyncio.to_thread(alias_version, name, self.cfg.alias)
-                self.versions[tenant] = (version, time.monotonic())
+            cached = self.versions.get(tenant)
+            if cached is None:  # the first request of a tenant waits for its alias
+                # shielded: a caller that goes away must not cancel the others' answer
+                version = await asyncio.shield(self._refresh_task(tenant))
+            else:
+                version, fetched = cached
+                if time.monotonic() - fetched > self.cfg.alias_refresh_s:
+                    self._refresh_task(tenant)  # the others go on with the cached version
             if version is None:
                 raise RequestError(404, f"tenant {tenant!r} has no {self.cfg.alias!r} version")
             return version
 
+        def _refresh_task(self, tenant: str) -> asyncio.Task:
+            task = self.refreshing.get(tenant)
+            if task is None or task.done():
+                task = self.refreshing[tenant] = asyncio.create_task(self._refresh(tenant))
+            return task
+
+        async def _refresh(self, tenant: str) -> str | None:
+            from serving.lifecycle import alias_version
+
+            cached = self.versions.get(tenant, (None, 0.0))[0]
+            try:
+                name = T.adaptor_model_name(tenant)
+                version = await asyncio.to_thread(alias_version, name, self.cfg.alias)
+            except Exception as err:  # noqa: BLE001 - the registry is down: keep what we have
+                logger.warning("cannot re-read %s's %s alias: %s", tenant, self.cfg.alias, err)
+                if cached is None:
+                    raise RequestError(
+                        503, f"tenant {tenant!r}: cannot read its {self.cfg.alias!r} alias ({err})"
+                    ) from err
+                self.versions[tenant] = (cached, time.monotonic())
+                return cached
+            if cached is not None and version is not None and version != cached:
+                # Load the new version before traffic moves to it (a version that cannot
+                # load moves anyway: its requests get the 503 that names it).
+                deadline = time.monotonic() + max(60.0, self.cfg.request_timeout_s)
+                try:
+                    await self._call(tenant, version, "ready", None, deadline)
+                except Exception as err:  # noqa: BLE001
+                    logger.warning("warming %s version %s: %s", tenant, version, err)
+            self.versions[tenant] = (version, time.monotonic())
+            return version
+
+        # --- one call to the model replicas, a batch of requests --------------------------
+
+        async def _call(self, tenant: str, version: str, method: str, payload, deadline: float):
+            model_id = f"{T.adaptor_model_name(tenant)}/{version}"
+            if self.local is not None:
+                call = getattr(self.local, method)
+                args = (payload,) if payload is not None else ()
+                try:
+                    return await asyncio.wait_for(
+                        call(*args, model_id=model_id), deadline - time.monotonic()
+                    )
+                except TimeoutError:
+                    self.counts["timeouts"] += 1
+                    raise self._unanswered(tenant, version) from None
+            handle = self.handles.get(model_id)
+            if handle is None:
+                handle = self.handles[model_id] = self.models.options(multiplexed_model_id=model_id)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                call = getattr(handle, method)
+                response = call.remote(payload) if payload is not None else call.remote()
+                try:
+                    return await asyncio.wait_for(_awaited(response), remaining)
+                except TimeoutError:
+                    response.cancel()
+                    break
+                except replica_gone as err:
+                    self.counts["retries"] += 1
+                    logger.warning("%s of %s: %s; trying again", method, model_id, type(err))
+                    await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+            self.counts["timeouts"] += 1
+            raise self._unanswered(tenant, version)
+
+        def _unanswered(self, tenant: str, version: str) -> RequestError:
+            return RequestError(
+                503,
+                f"tenant {tenant!r} version {version}: no answer within "
+                f"{self.cfg.request_timeout_s:g} s (model replicas restarting or overloaded); "
+                "retry later",
+            )
+
+        def _queue(self, tenant: str, version: str) -> BatchQueue:
+            key = f"{tenant}/{version}"
+            queue = self.queues.get(key)
+            if queue is None:
+
+                async def send(requests: list, deadline: float) -> list:
+                    return await self._call(tenant, version, "rank", requests, deadline)
+
+                queue = self.queues[key] = BatchQueue(
+                    send,
+                    self.cfg.max_batch_size,
+                    self.cfg.calls_per_replica * self.cfg.replicas,
+                )
+            return queue
+
+        # --- routes --------------------------------------------------------------------
+
         @api.post("/recommend/{tenant}")
         async def recommend(self, tenant: str, request: Request):
+            started = time.perf_counter()
             try:
-                history, k = parse_request(await request.body(), self.cfg.max_k)
+                return await self._recommend(tenant, request)
+            finally:
+                self.counts["answered"] += 1
+                self.counts["handle_seconds"] += time.perf_counter() - started
+
+        async def _recommend(self, tenant: str, request):
+            deadline = time.monotonic() + self.cfg.request_timeout_s
+            try:
+                body = await _read_body(request, self.cfg.max_body_bytes)
+                history, k = parse_request(body, self.cfg.max_k)
                 version = await self._version(tenant)
+                result = await self._queue(tenant, version).submit((history, k), deadline)
             except RequestError as err:
-                return JSONResponse({"error": err.message}, status_code=err.status)
-            model_id = f"{T.adaptor_model_name(tenant)}/{version}"
-            handle = self.models.options(multiplexed_model_id=model_id)
-            result = await handle.recommend.remote(history, k)
+                return _json_error(err.status, err.message)
+            except Exception as err:  # noqa: BLE001 - a bug: its traceback goes to the log only
+                self.counts["errors"] += 1
+                logger.exception("POST /recommend/%s failed", tenant)
+                return _json_error(500, f"internal error ({type(err).__name__}); see the log")
             if "error" in result:
-                return JSONResponse({"error": result["error"]}, status_code=result["status"])
-            return {"tenant": tenant, "version": version, "items": result["items"]}
+                return _json_error(result["status"], result["error"])
+            body = {"tenant": tenant, "version": version, "items": result["items"]}
+            return Response(json.dumps(body), media_type="application/json")
+
+        @api.get("/-/ready")
+        async def ready(self):
+            deadline = time.monotonic() + self.cfg.request_timeout_s
+            tenants = {}
+            for tenant in self.cfg.tenants:
+                try:
+                    version = await self._version(tenant)
+                    answer = await self._call(tenant, version, "ready", None, deadline)
+                    error = answer.get("error")
+                except RequestError as err:
+                    version, error = self.versions.get(tenant, (None, 0.0))[0], err.message
+                tenants[tenant] = {"version": version, "ready": error is None}
+                if error is not None:
+                    tenants[tenant]["error"] = error
+            ready = all(t["ready"] for t in tenants.values())
+            return JSONResponse({"ready": ready, "tenants": tenants}, 200 if ready else 503)
 
         @api.get("/-/tenants")
         async def tenants(self):
@@ -220,13 +570,67 @@ def build_app(cfg: EndpointConfig):
 
         @api.get("/-/stats")
         async def stats(self):
-            return await self.models.stats.remote()
+            batches = sum(q.batches for q in self.queues.values())
+            requests = sum(q.requests for q in self.queues.values())
+            try:
+                models = (
+                    self.local.stats()
+                    if self.local is not None
+                    else await asyncio.wait_for(
+                        _awaited(self.models.stats.remote()), self.cfg.request_timeout_s
+                    )
+                )
+            except Exception as err:  # noqa: BLE001 - the ingress's own figures still count
+                models = {"error": f"no model replica answered ({type(err).__name__})"}
+            return {
+                **models,
+                "ingress": {
+                    "pid": os.getpid(),
+                    "rss_mib": _rss_mib(),
+                    "requests": requests,  # ranked (went to a model replica)
+                    "batches": batches,
+                    "call_seconds": sum(q.call_seconds for q in self.queues.values()),
+                    **self.counts,
+                },
+            }
 
-    return Endpoint.bind(TenantModels.bind(settings), settings)
+    if cfg.colocate:
+        return Endpoint.bind(None, settings)
+    models = serve.deployment(
+        TenantModels,
+        num_replicas=cfg.replicas,
+        max_ongoing_requests=64,  # calls, each a batch; the ingress bounds them per version
+        ray_actor_options={"num_cpus": 0},
+        logging_config=logging_config,
+    )
+    return Endpoint.bind(models.bind(settings), settings)
 
 
-def _error(status: int, message: str) -> dict:
-    return {"status": status, "error": message}
+async def _awaited(response):
+    return await response
+
+
+async def _read_body(request, limit: int) -> bytes:
+    """The request body; RequestError(413) past ``limit`` bytes, refused before reading it
+    when the Content-Length says so."""
+    declared = request.headers.get("content-length")
+    too_large = RequestError(413, f"request body over {limit} bytes")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _json_error(status: int, message: str):
+    from fastapi.responses import JSONResponse
+
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def start(cfg: EndpointConfig) -> str:
@@ -241,6 +645,14 @@ def start(cfg: EndpointConfig) -> str:
     cfg.tracking_uri = configure_mlflow(cfg.tracking_uri)
     check_tenants(cfg)
     ensure_ray()
-    serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
+    serve.start(
+        # The proxy's own limit only backs up the ingress's (it answers 408 in plain text).
+        http_options={
+            "host": "127.0.0.1",
+            "port": cfg.port,
+            "request_timeout_s": cfg.request_timeout_s + 30,
+        },
+        logging_config={"enable_access_log": cfg.access_log},
+    )
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
     return f"http://127.0.0.1:{cfg.port}"

@@ -334,6 +334,7 @@ def test_bench_serving(tmp_path):
             [
                 f"--work={tmp_path / 'work'}",
                 "--items=30",
+                "--large-items=60",
                 "--users=10",
                 "--seconds=1",
                 "--clients=2",
@@ -345,10 +346,37 @@ def test_bench_serving(tmp_path):
     finally:
         ray.shutdown()
     result = read_json(out)
-    [row] = result["results"]
-    assert row["replicas"] == 1 and row["errors"] == 0
-    assert_positive(row, "requests", "seconds", "requests_per_second", "p50_ms", "p99_ms")
-    assert result["setup"]["items_per_tenant"] == 30
+    rows = {(r["layout"], r["catalogue"], r["clients"]): r for r in result["results"]}
+    assert set(rows) == {
+        (layout, catalogue, clients)
+        for layout in ("split", "colocated")
+        for catalogue in ("small", "large")
+        for clients in (2, 1)
+    }
+    assert rows["split", "large", 2]["items"] == 60 and rows["split", "small", 1]["items"] == 30
+    for (layout, _, _), row in rows.items():
+        assert row["replicas"] == 1 and row["errors"] == 0
+        assert_positive(
+            row, "requests", "seconds", "requests_per_second", "p50_ms", "p90_ms", "p99_ms"
+        )
+        assert_positive(
+            row["stages"],
+            "client_mean_ms",
+            "ingress_mean_ms",
+            "requests_per_batch",
+            "model_call_ms_per_batch",
+            "rank_ms_per_batch",
+        )
+        cpu = row["stages"]["cpu_ms_per_request"]
+        assert_positive(cpu, "proxy", "ingress", "clients")
+        assert ("models" in cpu) == (layout == "split")  # colocated: the models are the ingress
+    assert {(t["catalogue"], t["metric"]) for t in result["targets"]} == {
+        ("small", "requests_per_second"),
+        ("small", "p99_ms"),
+        ("small", "p50_ms"),
+        ("large", "p99_ms"),
+    }
+    assert result["setup"]["items_per_tenant"] == 30 and result["setup"]["large_items"] == 60
     assert_load_recorded(result)
 
 

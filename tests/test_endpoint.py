@@ -10,6 +10,7 @@ Tests run in file order: the catalogue test at the end moves crafts' production 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -50,7 +51,14 @@ BACKBONE = "test-backbone"
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("endpoint")
+    out = make_store(tmp_path_factory.mktemp("endpoint"))
+    yield out
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def make_store(root: Path) -> dict:
+    """The MLflow store under ``root``: the backbone and both tenants fine-tuned (candidates,
+    nothing promoted). Also used by tests/test_endpoint_drills.py."""
     uri = f"sqlite:///{root}/mlflow.db"
     os.environ["MLFLOW_TRACKING_URI"] = uri  # for the CLI commands and Ray Serve replicas
     mlflow.set_tracking_uri(uri)
@@ -75,8 +83,7 @@ def store(tmp_path_factory) -> dict:
     out = {"root": root, "uri": uri, "data": data, "backbone_run": run.info.run_id}
     for tenant, mode in (("crafts", "inductive"), ("gifts", "transductive")):
         out[tenant] = run_finetune(finetune_config(root, uri, data, tenant, mode), progress=False)
-    yield out
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    return out
 
 
 def finetune_config(root: Path, uri: str, data: Path, tenant: str, mode: str) -> FinetuneConfig:
@@ -256,6 +263,59 @@ def test_mlflow_models_serve_answers_the_readme_example(store):
     assert row["items"] == [key for key, _ in local_top_k(store["crafts"], history, k)]
 
 
+# --- batching at the ingress (no Ray) -------------------------------------------------------
+
+
+def test_batch_queue_sends_a_lone_request_at_once_and_waiting_ones_together():
+    from serving.endpoint import BatchQueue
+
+    async def scenario():
+        sent: list[list[int]] = []
+        release = asyncio.Event()
+
+        async def send(items, deadline):
+            sent.append(list(items))
+            if len(sent) == 1:
+                await release.wait()  # the first call is slow: the others queue behind it
+            return [item * 10 for item in items]
+
+        queue = BatchQueue(send, max_batch_size=3, max_in_flight=1)
+        first = asyncio.create_task(queue.submit(1, time.monotonic() + 5))
+        for _ in range(3):  # submit, then the call's own task
+            await asyncio.sleep(0)
+        assert sent == [[1]]  # no waiting for company
+        rest = [asyncio.create_task(queue.submit(n, time.monotonic() + 5)) for n in range(2, 7)]
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert sent == [[1]]  # the others wait for the call in flight
+        release.set()
+        results = await asyncio.gather(first, *rest)
+        return sent, results
+
+    sent, results = asyncio.run(scenario())
+    assert sent == [[1], [2, 3, 4], [5, 6]]
+    assert results == [10, 20, 30, 40, 50, 60]  # each caller its own result
+
+
+def test_batch_queue_gives_a_failed_call_to_every_request_of_its_batch_only():
+    from serving.endpoint import BatchQueue, RequestError
+
+    async def scenario():
+        async def send(items, deadline):
+            await asyncio.sleep(0.01)
+            if 2 in items:
+                raise RequestError(503, "no answer")
+            return items
+
+        queue = BatchQueue(send, max_batch_size=8, max_in_flight=1)
+        tasks = [asyncio.create_task(queue.submit(n, time.monotonic() + 5)) for n in (1, 2, 3)]
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    one, two, three = asyncio.run(scenario())
+    assert one == 1  # sent alone, before the others arrived
+    assert isinstance(two, RequestError) and isinstance(three, RequestError)
+
+
 # --- one Ray Serve endpoint for many tenants -----------------------------------------------
 
 
@@ -298,6 +358,42 @@ def test_two_tenants_are_served_over_http_sharing_one_backbone(store, endpoint):
     ]
     stats = get(f"{endpoint}/-/stats")
     assert len(stats["loaded"]) == 2 and stats["backbones"] == 1
+
+
+def test_concurrent_requests_batched_together_each_get_their_own_answer(store, endpoint):
+    """Requests arriving together for one tenant version are ranked in one call; each still
+    gets top_k's answer for its own history and k."""
+    assert_concurrent_answers_are_top_k(store, endpoint)
+
+
+def assert_concurrent_answers_are_top_k(store: dict, url: str, versions=("1", "1")) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(7)
+    requests = []
+    for n in range(32):
+        tenant = ("crafts", "gifts")[n % 2]
+        items = rng.choice(np.arange(1, 31), size=int(rng.integers(1, 9)), replace=False)
+        requests.append((tenant, [f"{tenant}-i{i:04d}" for i in items], int(rng.integers(1, 8))))
+    before = get(f"{url}/-/stats")["ingress"]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        answers = list(
+            pool.map(
+                lambda r: post(f"{url}/recommend/{r[0]}", {"history": r[1], "k": r[2]}),
+                requests,
+            )
+        )
+    after = get(f"{url}/-/stats")["ingress"]
+    for (tenant, history, k), (status, answer) in zip(requests, answers, strict=True):
+        assert status == 200, answer
+        assert answer["version"] == dict(zip(("crafts", "gifts"), versions))[tenant]
+        alone = local_top_k(store[tenant], history, k)
+        assert [i["key"] for i in answer["items"]] == [key for key, _ in alone]
+        assert [i["score"] for i in answer["items"]] == pytest.approx(
+            [score for _, score in alone], abs=1e-4
+        )
+    assert after["requests"] - before["requests"] == len(requests)
+    assert after["batches"] - before["batches"] < len(requests)  # some went together
 
 
 @pytest.mark.parametrize(
@@ -375,3 +471,20 @@ def test_rollback_and_models_list(store, capsys):
     ndcg = MlflowClient().get_run(store["gifts"]["run_id"]).data.metrics["test_ndcg_at_10"]
     for needle in (f"{BACKBONE} v1", digest, "transductive", f"{ndcg:.4f}"):
         assert needle in rows[("gifts", "1")]
+
+
+def test_colocated_ingress_and_models_answer_the_same(store, endpoint):
+    """``colocate``: one deployment, no hop to a model replica; the same answers. Replaces the
+    module's application on the same port, so it runs last."""
+    from serving.endpoint import EndpointConfig, start
+
+    port = int(endpoint.rsplit(":", 1)[1])
+    url = start(
+        EndpointConfig(
+            tenants=["crafts", "gifts"], port=port, colocate=True, tracking_uri=store["uri"]
+        )
+    )
+    assert_concurrent_answers_are_top_k(store, url)
+    stats = get(f"{url}/-/stats")
+    assert stats["pid"] == stats["ingress"]["pid"]  # the models live in the ingress
+    assert len(stats["loaded"]) == 2 and stats["backbones"] == 1

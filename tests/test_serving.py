@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from helpers_data import write_small_dataset
 
 from adaptors.bundle import load_bundle
 from adaptors.catalogue import Catalogue
 from adaptors.config import FinetuneConfig
 from adaptors.finetune import run_finetune
-from adaptors.topk import top_k
+from adaptors.topk import _score, ranking_table, top_k
+from pretrain.model import BackboneConfig, SASRec, UniSRec
 from serving.commands import register_commands
+from serving.endpoint import rank_requests, share_frozen_encoder
 from serving.new_items import add_items_from_csv, read_items_csv
 from unisrec.config import from_dict
 from unisrec.errors import DataError
@@ -160,3 +164,83 @@ def test_registered_pyfunc_returns_top_k_item_keys_for_list_and_string_histories
         k=4,
     )
     assert list(result["items"][0]) == [key for key, _ in local[0]]
+
+
+# --- ranking many histories at once (what the endpoint does with a batch) ------------------
+
+
+def test_ranking_table_scores_bit_for_bit_as_the_models_own_score(tenants):
+    """The table normalises UniSRec's candidates once; the scores must not move by one bit."""
+    torch.manual_seed(0)
+    models = [load_bundle(tenants[t] / "adaptor")[0] for t in ("shop", "shop-ids")]
+    models.append(SASRec(from_dict(BackboneConfig, TINY), num_items=30))
+    for model in models:
+        model.eval()
+        vectors = torch.randn(31, TINY["hidden_size"])
+        vectors[0] = 0
+        table = ranking_table(model, None, None, item_vectors=vectors)
+        queries = torch.randn(7, TINY["hidden_size"])
+        expected = model.score(queries, vectors[1:], 0.07)
+        assert torch.equal(_score(model, queries, table, 0.07), expected), type(model).__name__
+
+
+def test_top_k_with_a_kept_table_equals_top_k_without(tenants):
+    model, spec = load_bundle(tenants["shop"] / "adaptor")
+    catalogue = Catalogue.load(tenants["shop"] / "catalogue")
+    histories = [["office-item-3", "office-item-9"], ["office-item-1"]]
+    table = ranking_table(model, spec, catalogue)
+    assert top_k(model, spec, catalogue, histories, k=5, table=table) == top_k(
+        model, spec, catalogue, histories, k=5
+    )
+
+
+@pytest.mark.parametrize("tenant", ["shop", "shop-ids"])
+def test_requests_ranked_together_each_get_their_own_answer(tenants, tenant):
+    """One batch: histories of different lengths, different k, a bad request among them;
+    each answer is top_k's for that history alone (same items, same scores to float rounding
+    of the batched products), the bad one gets its own error."""
+    model, spec = load_bundle(tenants[tenant] / "adaptor")
+    catalogue = Catalogue.load(tenants[tenant] / "catalogue")
+    recommender = SimpleNamespace(model=model, spec=spec, catalogue=catalogue)
+    requests = [
+        (["office-item-3", "office-item-4", "office-item-5", "office-item-6"], 5),
+        (["office-item-2"], 1),
+        (["office-item-2", "no-such-item"], 3),
+        ([f"office-item-{i}" for i in range(1, 13)], 10),
+        (["office-item-7"], 31),
+        (["office-item-8", "office-item-8"], 3),
+    ]
+    answers = rank_requests(recommender, ranking_table(model, spec, catalogue), requests)
+    assert answers[2] == {"status": 400, "error": "history: unknown item key(s) ['no-such-item']"}
+    assert answers[4]["status"] == 400 and "exceeds" in answers[4]["error"]
+    for (history, k), answer in zip(requests, answers, strict=True):
+        if "error" in answer:
+            continue
+        alone = top_k(model, spec, catalogue, [history], k=k)[0]
+        assert [i["key"] for i in answer["items"]] == [key for key, _ in alone]
+        assert [i["score"] for i in answer["items"]] == pytest.approx(
+            [score for _, score in alone], abs=1e-5
+        )
+        texts = dict(zip(catalogue.keys, catalogue.texts, strict=True))
+        assert all(i["text"] == texts[i["key"]] for i in answer["items"])
+
+
+def test_tenants_on_one_backbone_share_its_frozen_encoder_parts_only():
+    """Fine-tuning trains the encoder's input LayerNorm per tenant: sharing the whole encoder
+    gave the second tenant loaded the first one's LayerNorm (and its scores)."""
+    torch.manual_seed(0)
+    cfg = from_dict(BackboneConfig, TINY)
+    first, second = UniSRec(cfg, text_dim=8).eval(), UniSRec(cfg, text_dim=8).eval()
+    second.load_state_dict(first.state_dict())
+    with torch.no_grad():
+        second.encoder.norm.weight.mul_(3.0)  # what fine-tuning changes
+    vectors, seqs = torch.randn(31, cfg.hidden_size), torch.randint(1, 31, (4, 6))
+    expected = [m.encode(seqs, vectors) for m in (first, second)]
+    shared: dict = {}
+    share_frozen_encoder(first, shared)
+    share_frozen_encoder(second, shared)
+    assert second.encoder.blocks is first.encoder.blocks
+    assert second.encoder.position is first.encoder.position
+    assert second.encoder.norm is not first.encoder.norm
+    for model, want in zip((first, second), expected, strict=True):
+        assert torch.equal(model.encode(seqs, vectors), want)
