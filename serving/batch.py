@@ -387,6 +387,7 @@ def _rank(
     import ray
     from tqdm import tqdm
 
+    from unisrec.access import tracking_credentials
     from unisrec.runtime import verbose
 
     if not verbose():  # our bar counts users; Ray Data's own bars and logs with -v
@@ -409,6 +410,8 @@ def _rank(
         # would leave none for listing the input files.
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
         num_cpus=cfg.torch_threads,
+        # Actors load the adaptor as this process's tracking user, in a Ray it did not start too.
+        runtime_env={"env_vars": tracking_credentials()},
     )
     counts = {"read": 0, "recommended": 0, "skipped_no_known_item": 0, "with_unknown_items": 0}
     unknown_total, examples, rows = 0, [], 0

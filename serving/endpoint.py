@@ -274,9 +274,14 @@ def build_app(cfg: EndpointConfig):
     from ray.exceptions import RayActorError, WorkerCrashedError
     from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
+    from unisrec.access import tracking_credentials
+
     api = FastAPI(title="unisrec recommendations")
     settings = asdict(cfg)
     logging_config = {"enable_access_log": cfg.access_log}
+    # Replicas call the tracking server as the user who started the endpoint, whether this
+    # process started Ray (its workers inherit the environment) or joined a running one.
+    replica_options = {"num_cpus": 0, "runtime_env": {"env_vars": tracking_credentials()}}
     # A model replica died or is being replaced: the same call again reaches another replica
     # or the replacement.
     replica_gone = (RayActorError, WorkerCrashedError, ReplicaUnavailableError, BackPressureError)
@@ -378,7 +383,7 @@ def build_app(cfg: EndpointConfig):
         # The ingress takes every request the proxy has: a replica at its limit makes the
         # proxy back off and retry (the old default of 5 queued 8 clients there).
         max_ongoing_requests=1000,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options=replica_options,
         logging_config=logging_config,
     )
     @serve.ingress(api)
@@ -600,7 +605,7 @@ def build_app(cfg: EndpointConfig):
         TenantModels,
         num_replicas=cfg.replicas,
         max_ongoing_requests=64,  # calls, each a batch; the ingress bounds them per version
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options=replica_options,
         logging_config=logging_config,
     )
     return Endpoint.bind(models.bind(settings), settings)

@@ -495,8 +495,12 @@ def test_the_endpoint_serves_with_the_read_only_user(platform):
 
     from serving.endpoint import EndpointConfig, start
 
+    from unisrec.runtime import ensure_ray
+
     history = ["acme-i0004", "acme-i0005"]
-    with as_user("serving"):  # Ray's processes start with this environment
+    with as_user(None):
+        ensure_ray()  # Ray (if this test starts it) runs without the serving user's password
+    with as_user("serving"):  # the endpoint passes its user on to its replicas
         url = start(
             EndpointConfig(tenants=["acme"], port=free_port(), tracking_uri=platform["url"])
         )
@@ -516,3 +520,21 @@ def test_the_endpoint_serves_with_the_read_only_user(platform):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_batch_recommendations_run_as_the_read_only_user(platform, tmp_path):
+    from serving.batch import BatchConfig, recommend_batch
+    from unisrec.runtime import ensure_ray
+
+    with as_user(None):
+        ensure_ray()  # Ray (if this test starts it) runs without the serving user's password
+    with as_user("serving"):
+        record = recommend_batch(
+            BatchConfig(
+                tenant="acme", all_users=True, data_dir=str(platform["data"]),
+                out=str(tmp_path / "recs.parquet"), k=5, tracking_uri=platform["url"],
+                progress=False,
+            )
+        )  # fmt: skip
+    assert record["version"] == "1"
+    assert record["users"]["recommended"] == record["users"]["read"] > 0

@@ -49,6 +49,19 @@ def tracking_user() -> str:
     return read_mlflow_creds().username or "anonymous"
 
 
+def tracking_credentials() -> dict[str, str]:
+    """``{MLFLOW_TRACKING_USERNAME: ..., MLFLOW_TRACKING_PASSWORD: ...}`` for the user this
+    process calls the tracking server as (from the environment or MLflow's credentials
+    file), for processes started elsewhere that must call as the same user; ``{}`` for
+    nobody."""
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    creds = read_mlflow_creds()
+    if not creds.username:
+        return {}
+    return {USERNAME_ENV: creds.username, PASSWORD_ENV: creds.password or ""}
+
+
 def denied(permission: str, resource_type: str, name: str, hint: str = "") -> AccessDenied:
     """``user 'acme' lacks EDIT on registered model 'unisrec-adaptor-globex'``."""
     what = RESOURCE_WORDS.get(resource_type, resource_type)
