@@ -41,15 +41,19 @@ def finetune_key(cell: FinetuneCell, fraction: float, seed: int) -> str:
     return f"finetune/{cell.name}/f{fraction:g}/s{seed}"
 
 
-def finetune_runs(cfg: ExperimentConfig) -> list[tuple[FinetuneCell, float, int]]:
-    """Every (cell, train fraction, seed) of the grid: first seed before later seeds, then
-    each cell's fractions in its listed order, then cells in config order -- so a stopped
-    grid has whole comparisons (every cell at one seed and fraction) rather than all seeds of
-    one cell."""
+def finetune_runs(
+    cfg: ExperimentConfig, only_fractions: list[float] | None = None
+) -> list[tuple[FinetuneCell, float, int]]:
+    """Every (cell, train fraction, seed) of the grid (of ``only_fractions``, if given):
+    first seed before later seeds, then each cell's fractions in its listed order, then cells
+    in config order -- so a stopped grid has whole comparisons (every cell at one seed and
+    fraction) rather than all seeds of one cell."""
     runs, position = [], 0
     for cell in cfg.finetune:
         fractions, seeds = cell.train_fractions, cell.seeds or cfg.seeds
         for f, fraction in enumerate(fractions):
+            if only_fractions and not any(abs(fraction - x) < 1e-9 for x in only_fractions):
+                continue
             runs += [((s, f, position), (cell, fraction, seed)) for s, seed in enumerate(seeds)]
         position += 1
     return [run for _, run in sorted(runs, key=lambda pair: pair[0])]
@@ -144,10 +148,13 @@ class Results:
 
 
 def run_experiment(
-    cfg: ExperimentConfig, only: list[str] | None = None, report_only: bool = False
+    cfg: ExperimentConfig,
+    only: list[str] | None = None,
+    report_only: bool = False,
+    only_fractions: list[float] | None = None,
 ) -> dict:
-    """Run every unfinished cell (of ``only``, if given, by cell name), then write the
-    reports; returns ``{"parent_run_id", "results", "report_dir", "ran", "skipped"}``."""
+    """Run every unfinished cell (of ``only``, if given, by cell name; fine-tunes at
+    ``only_fractions`` of the training users, if given), then write the reports; returns ``{"parent_run_id", "results", "report_dir", "ran", "skipped"}``."""
     import mlflow
     import ray
 
@@ -211,7 +218,7 @@ def run_experiment(
         # 3. Fine-tuning runs, `parallel` at a time.
         pending: dict[Any, str] = {}
         queue = []
-        for cell, fraction, seed in finetune_runs(cfg):
+        for cell, fraction, seed in finetune_runs(cfg, only_fractions):
             key = finetune_key(cell, fraction, seed)
             if wanted and cell.name not in wanted:
                 continue

@@ -101,7 +101,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
     cfg = _load("experiment", args.config, args.overrides)
     only = [c for c in (args.only or "").split(",") if c]
-    summary = run_experiment(cfg, only=only, report_only=args.report_only)
+    fractions = [float(f) for f in (args.fractions or "").split(",") if f]
+    summary = run_experiment(
+        cfg, only=only, report_only=args.report_only, only_fractions=fractions
+    )
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -216,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="experiment YAML")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1]")
     p.add_argument("--only", help="run only these cells (comma-separated names)")
+    p.add_argument(
+        "--fractions", help="fine-tune only at these shares of the training users, e.g. 0.1"
+    )
     p.add_argument("--report-only", action="store_true", help="run nothing; rewrite the reports")
     p.set_defaults(func=cmd_experiment)
 

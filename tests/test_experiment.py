@@ -146,3 +146,19 @@ def test_a_pretraining_cell_cut_off_midway_continues_from_its_checkpoint(tmp_pat
 def test_unknown_backbone_cell_is_a_config_error():
     with pytest.raises(ConfigError, match="not a pretrain cell"):
         load_config(ExperimentConfig, None, ["finetune=[{name: a, backbone: nope}]"])
+
+
+def test_fine_tunes_can_be_limited_to_some_training_fractions_keeping_seed_order():
+    from experiments.runner import finetune_runs
+
+    cfg = load_config(
+        ExperimentConfig,
+        None,
+        [
+            "seeds=[0, 1]",
+            "finetune=[{name: a, train_fractions: [0.1, 0.5, 1.0]}, {name: b, train_fractions: [0.1]}]",
+        ],
+    )
+    picked = [(c.name, f, s) for c, f, s in finetune_runs(cfg, only_fractions=[0.1])]
+    assert picked == [("a", 0.1, 0), ("b", 0.1, 0), ("a", 0.1, 1), ("b", 0.1, 1)]
+    assert len(finetune_runs(cfg)) == 8
