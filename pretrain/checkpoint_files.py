@@ -9,11 +9,23 @@ newest checkpoint broken names it and starts from the newest whole one instead.
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
 LIST_PATTERN = "files-rank{rank}.json"
 STEP_PREFIX = "step_"
+# The held-out score of a checkpoint saved without a held-out loss. Finite: Ray Train keeps
+# checkpoint metrics as JSON, where infinity comes back as null, and a resumed run then fails
+# to rank its checkpoints ("unsupported operand type(s) for *: 'float' and 'NoneType'").
+NO_HELDOUT_SCORE = 1e30
+
+
+def disk_full(err: BaseException) -> bool:
+    """ENOSPC / EDQUOT, also when a storage layer only kept the message."""
+    return getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (
+        "No space left on device" in str(err) or "Disk quota exceeded" in str(err)
+    )
 
 
 def write_file_list(directory: str | Path, rank: int) -> None:

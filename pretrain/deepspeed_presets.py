@@ -137,7 +137,8 @@ def merge_user_config(user: dict, platform: dict, world_size: int, source: str) 
             )
     merged = {**platform, **user, **expected}
     merged["zero_optimization"] = {
-        **platform["zero_optimization"], **user.get("zero_optimization", {})
+        **platform["zero_optimization"],
+        **user.get("zero_optimization", {}),
     }
     stage = merged["zero_optimization"].get("stage")
     if stage not in ZERO_STAGES:

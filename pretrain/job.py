@@ -279,10 +279,10 @@ def _fit_with_restarts(make_trainer, max_failures: int, run_dir: Path):
 def _deterministic_error(err: Exception, run_dir: Path) -> Exception | None:
     """The first DataError, ConfigError or StorageError a worker raised, as one clean line;
     a StorageError when Ray's own writes (its checkpoint list) hit a full disk; else None."""
-    from pretrain.worker import _disk_full
+    from pretrain.checkpoint_files import disk_full
     from unisrec.errors import ConfigError, DataError, StorageError
 
-    if _disk_full(err) and not getattr(err, "worker_failures", None):
+    if disk_full(err) and not getattr(err, "worker_failures", None):
         return StorageError(
             f"{run_dir}: no space left on device while Ray Train recorded a checkpoint; free "
             "space and run again with --resume: it continues from the last whole checkpoint"
@@ -309,8 +309,7 @@ def _newest_whole(run_dir: Path, workers: int):
 
 def _best_checkpoint(result, workers: int):
     """The kept whole checkpoint with the lowest finite held-out loss, else the final one."""
-    from pretrain.checkpoint_files import incomplete_reason
-    from pretrain.worker import NO_HELDOUT_SCORE
+    from pretrain.checkpoint_files import NO_HELDOUT_SCORE, incomplete_reason
 
     scored = [
         (metrics["heldout_score"], checkpoint)

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sys
@@ -20,18 +19,13 @@ from pathlib import Path
 
 import torch
 
+from pretrain.checkpoint_files import NO_HELDOUT_SCORE, disk_full
 from pretrain.config import PretrainConfig
 from pretrain.consolidate import DS_TAG
 from unisrec.config import from_dict
 from unisrec.errors import StorageError
 
 STATE_FILE = "train_state.json"
-
-
-# The held-out score of a checkpoint saved without a held-out loss. Finite: Ray Train keeps
-# checkpoint metrics as JSON, where infinity comes back as null, and a resumed run then fails
-# to rank its checkpoints ("unsupported operand type(s) for *: 'float' and 'NoneType'").
-NO_HELDOUT_SCORE = 1e30
 
 
 def deepspeed_config(cfg: PretrainConfig) -> dict:
@@ -49,9 +43,7 @@ def deepspeed_config(cfg: PretrainConfig) -> dict:
     )
     if not cfg.distributed.deepspeed_config:
         return platform
-    return read_user_config(
-        cfg.distributed.deepspeed_config, platform, cfg.distributed.num_workers
-    )
+    return read_user_config(cfg.distributed.deepspeed_config, platform, cfg.distributed.num_workers)
 
 
 def progress_line(
@@ -300,7 +292,9 @@ def _whole_checkpoint(directory: Path, world: int, rank: int) -> Path:
         return directory
     older = newest_whole_checkpoint(directory.parent, world, before_step=step_of(directory))
     if older is None:
-        raise StorageError(f"{directory}: checkpoint incomplete ({reason}) and no whole one before it")
+        raise StorageError(
+            f"{directory}: checkpoint incomplete ({reason}) and no whole one before it"
+        )
     if rank == 0:
         sys.stdout.write(
             f"checkpoint {directory} is incomplete ({reason}); resuming from {older.name}\n"
@@ -346,20 +340,13 @@ def _save_and_report(
                 checkpoint_dir_name=name,
             )
         except OSError as err:
-            if not _disk_full(err):
+            if not disk_full(err):
                 raise
             raise StorageError(
                 f"{where}: no space left on device writing the step {state['step']} checkpoint "
                 f"(rank {rank}); free space and run again with --resume: it continues from "
                 "the last complete checkpoint"
             ) from None
-
-
-def _disk_full(err: BaseException) -> bool:
-    """ENOSPC / EDQUOT, also when a storage layer only kept the message."""
-    return getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (
-        "No space left on device" in str(err) or "Disk quota exceeded" in str(err)
-    )
 
 
 def _die_once(cfg: PretrainConfig, rank: int) -> None:

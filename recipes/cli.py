@@ -102,9 +102,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     cfg = _load("experiment", args.config, args.overrides)
     only = [c for c in (args.only or "").split(",") if c]
     fractions = [float(f) for f in (args.fractions or "").split(",") if f]
-    summary = run_experiment(
-        cfg, only=only, report_only=args.report_only, only_fractions=fractions
-    )
+    summary = run_experiment(cfg, only=only, report_only=args.report_only, only_fractions=fractions)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -129,7 +129,9 @@ def test_seq_item_candidates_are_the_batch_targets_except_the_own_windows_items(
     batch_targets = sorted({rows[r][t + 1] for r, t in pairs})
     assert batch_targets == [1, 2, 3, 4, 5, 11]
     with torch.no_grad():
-        vectors = {i: model.item_vectors(table[[i]], torch.tensor([i]))[0].tolist() for i in batch_targets}
+        vectors = {
+            i: model.item_vectors(table[[i]], torch.tensor([i]))[0].tolist() for i in batch_targets
+        }
         expected = 0.0
         for r, t in pairs:
             query = model(torch.tensor([rows[r]]), table).outputs[0, t].tolist()

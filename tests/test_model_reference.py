@@ -145,9 +145,7 @@ def test_whitening_expert_drops_out_the_text_vector_before_the_shift():
     assert bool((dropped | kept).all()), mask[~(dropped | kept)][:5]
     assert 0.4 < kept.float().mean().item() < 0.6
     # A zero text vector keeps its whole shift whatever the dropout draws.
-    torch.testing.assert_close(
-        expert(torch.zeros(3, 16)), (-expert.bias).detach().expand(3, 16)
-    )
+    torch.testing.assert_close(expert(torch.zeros(3, 16)), (-expert.bias).detach().expand(3, 16))
 
 
 @pytest.mark.parametrize("t", range(1, T + 1))

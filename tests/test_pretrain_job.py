@@ -361,7 +361,9 @@ def test_a_second_run_on_an_output_dir_in_use_is_refused_naming_the_holder(works
     holder.start()
     try:
         assert ready.wait(10)
-        with pytest.raises(StorageError, match=r"in use by another pretraining run \(run first-run, pid"):
+        with pytest.raises(
+            StorageError, match=r"in use by another pretraining run \(run first-run, pid"
+        ):
             run_pretrain(_config(root, data, "busy"), resume=True)
         assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"} == {
             k: v for k, v in before.items() if k != ".lock"
@@ -396,9 +398,12 @@ def test_a_full_disk_while_checkpointing_is_one_error_and_resume_finishes_the_ru
     root, data = workspace
     mount = tmp_path / "small-disk"
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)], capture_output=True
-    ).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+    ):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         one = sum(

@@ -55,9 +55,7 @@ def _real_batch() -> dict[str, torch.Tensor]:
 
 def _loss_and_grads(batch: dict, gather: Gather) -> tuple[torch.Tensor, list[torch.Tensor]]:
     model, *tables = _build()
-    out = pretrain_loss(
-        model, batch, *tables, LOSS, step=3, seed=5, gather=gather
-    )
+    out = pretrain_loss(model, batch, *tables, LOSS, step=3, seed=5, gather=gather)
     out["loss"].backward()
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
     return out["loss"].detach(), grads
