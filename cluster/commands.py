@@ -204,6 +204,7 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from cluster.jobs import follow, follow_hint, job_spec, submit
+    from unisrec.access import tracking_credentials
 
     job_args, config = list(args.args), None
     if args.job in CONFIG_JOBS:
@@ -224,7 +225,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         job_args,
         working_dir=args.working_dir,
         tracking_uri=args.tracking_uri,
-        env=_parse_env(args.env),
+        # The job calls the tracking server as the submitting user (--env overrides).
+        env={**tracking_credentials(), **_parse_env(args.env)},
         pip=args.pip,
     )
     job_id = submit(args.address, spec, submission_id=args.submission_id)

@@ -29,6 +29,11 @@ What travels with the job, and what does not:
   users on the workers and the driver writes the output on the head node.
 * ``MLFLOW_TRACKING_URI`` is set on every node by ``ray_cluster.yaml``; ``--tracking-uri``
   overrides it for one job.
+* The submitting user's tracking credentials (``MLFLOW_TRACKING_USERNAME`` /
+  ``MLFLOW_TRACKING_PASSWORD``, or MLflow's credentials file) travel as the job's environment,
+  so on a server started with ``--auth`` the job has that user's permissions and no more.
+  Ray shows a job's environment to whoever can reach its dashboard: keep the dashboard
+  private (``ray dashboard`` forwards it to your machine only).
 """
 
 from __future__ import annotations

@@ -111,6 +111,26 @@ def test_submit_checks_the_config_before_contacting_the_cluster(tmp_path):
         run_cli(["submit", "--address", closed, "--deepspeed", "zero3", "shard", str(config)])
 
 
+def test_submit_passes_the_submitting_users_tracking_credentials(tmp_path, monkeypatch):
+    import cluster.jobs
+
+    sent: list[JobSpec] = []
+    monkeypatch.setattr(
+        cluster.jobs, "submit", lambda address, spec, **_: sent.append(spec) or "j1"
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "acme")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "acme-secret-1")
+    args = ["submit", "--address", "http://127.0.0.1:9", "--working-dir", str(tmp_path)]
+    run_cli([*args, "recommend-batch", "--tenant", "acme", "--users", "u.parquet", "--out", "r"])
+    assert sent[-1].runtime_env["env_vars"] == {
+        "MLFLOW_TRACKING_USERNAME": "acme",
+        "MLFLOW_TRACKING_PASSWORD": "acme-secret-1",
+    }
+    run_cli([*args, "--env", "MLFLOW_TRACKING_USERNAME=other", "recommend-batch", "--tenant",
+             "acme", "--users", "u.parquet", "--out", "r"])  # fmt: skip
+    assert sent[-1].runtime_env["env_vars"]["MLFLOW_TRACKING_USERNAME"] == "other"
+
+
 # --- ray_cluster.yaml -------------------------------------------------------------------------
 
 
