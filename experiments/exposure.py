@@ -152,14 +152,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not table:
         raise SystemExit(f"no finished runs of {cells} at fraction {args.fraction:g}")
-    report = out / "report"
-    report.mkdir(parents=True, exist_ok=True)
-    stem = report / f"exposure-f{args.fraction:g}"
-    stem.with_suffix(".json").write_text(json.dumps(table, indent=2))
-    text = markdown(table, args.fraction, args.k)
-    stem.with_suffix(".md").write_text(text)
-    print(text)
+    write_exposure(out / "report", table, args.fraction, args.k)
+    print(markdown(table, args.fraction, args.k))
     return 0
+
+
+def write_exposure(report_dir: Path, table: dict, fraction: float, k: int) -> list[Path]:
+    """``exposure-f<fraction>.json`` and ``.md`` in ``report_dir``; returns their paths."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    name = f"exposure-f{fraction:g}"
+    paths = [report_dir / f"{name}.json", report_dir / f"{name}.md"]
+    paths[0].write_text(json.dumps(table, indent=2))
+    paths[1].write_text(markdown(table, fraction, k))
+    return paths
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptors.evaluate import EvalSplit
-from experiments.exposure import group_shares, top_items
+from experiments.exposure import group_shares, top_items, write_exposure
 from pretrain.model import BackboneConfig, UniSRec
 
 
@@ -38,3 +38,12 @@ def test_group_shares_count_every_slot_once():
     groups = np.array([-1, 0, 0, 1, 2])  # items 1..4
     shares = group_shares(torch.tensor([[1, 3], [2, 4], [1, 1]]), groups)
     assert shares == pytest.approx([4 / 6, 1 / 6, 1 / 6])
+
+
+def test_each_training_fraction_gets_its_own_report_files(tmp_path):
+    table = {"scratch": {"exposure": [0.4, 0.6], "per_seed": [[0.4, 0.6]], "targets": [0.5, 0.5]}}
+    first = write_exposure(tmp_path, table, 0.1, 10)
+    second = write_exposure(tmp_path, table, 0.25, 10)
+    assert [p.name for p in first] == ["exposure-f0.1.json", "exposure-f0.1.md"]
+    assert {p.name for p in tmp_path.iterdir()} == {p.name for p in first + second}
+    assert "| scratch (n=1) | 0.400 | 0.600 |" in first[1].read_text()
