@@ -6,10 +6,15 @@ seconds per epoch, training windows/s, next-item targets/s, evaluated users/s, p
 the roofline: the matrix products the epoch (and the evaluation) did, counted from the shapes
 they ran on (benchmarks/roofline.py), the time plain fp32 products of the same shapes take
 here in the same run, and ``roofline_fraction`` = that time / the measured time = achieved
-FLOP/s over the matmul peak. ``--profile-steps K`` adds a torch.profiler table of K steps::
+FLOP/s over the matmul peak. The evaluation's ``eval_roofline_fraction`` compares its
+achieved FLOP/s with the large square product's (``square_gemm_gflops``, same run): a
+same-shape peak is no roof for it (see benchmarks/roofline.py). ``--epochs 0`` times the
+evaluation alone (of an untrained model). ``--profile-steps K`` adds a torch.profiler table
+of K steps::
 
     .venv/bin/python benchmarks/bench_finetune.py                       # runs/shared-data, scientific
     .venv/bin/python benchmarks/bench_finetune.py --mode transductive --epochs 1
+    .venv/bin/python benchmarks/bench_finetune.py --epochs 0 --threads 2       # evaluation only
     .venv/bin/python benchmarks/bench_finetune.py --data-dir /tmp/small --domain office --hidden-size 32
     .venv/bin/python benchmarks/bench_finetune.py --data-dir D --epochs 1 --profile-steps 5 --out F.json
 
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--eval-batch-size", type=int, default=1024, help="users per scoring block")
     parser.add_argument("--item-block", type=int, default=16384, help="items per scoring block")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=2, help="0: time the evaluation only")
     parser.add_argument(
         "--threads", type=int, default=0, help="torch threads (0 = torch's default)"
     )
@@ -172,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         "eval_gflop": round(eval_flops / 1e9, 1),
         "eval_achieved_gflops": round(eval_flops / eval_seconds / 1e9, 2),
         "eval_matmul_peak_gflops": round(eval_flops / eval_peak_seconds / 1e9, 2),
-        "eval_roofline_fraction": round(eval_peak_seconds / eval_seconds, 3),
+        "eval_roofline_fraction": round(eval_flops / eval_seconds / 1e9 / square_gflops, 3),
         "square_size": args.square_size,
         "square_gemm_gflops": round(square_gflops, 2),
         "device": str(device),

@@ -7,8 +7,13 @@ machine does those same products alone.
     peak = gemm_seconds(gemms)                  # plain fp32 torch.mm of every shape, timed now
     roofline_fraction = peak / measured_seconds # = achieved FLOP/s over the matmul peak
 
-The peak is measured in the same run, shape by shape, so a small product's lower speed counts
-against the peak, not against the run; on a shared machine both sides see the same load.
+The same-shape peak is measured in the same run, shape by shape, so a small product's lower
+speed counts against the peak, not against the run; on a shared machine both sides see the
+same load. It is no roof, though: a skinny product (attention's ``(bt, H) @ (H, t)``) timed as
+one plain ``torch.mm`` can be slower than the fused kernel the model ran, so a run can "beat"
+it. Evaluation is therefore compared with the machine's large square product instead
+(:func:`square_gemm_gflops`, also timed in the same run), which no product of these shapes
+exceeds.
 
 Run alone, it measures the machine's plain fp32 matmul rate (one large square product), a
 quick look at how busy a shared machine is before timing anything on it::
@@ -22,26 +27,47 @@ import argparse
 import json
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from machine_load import LoadAverage
 
 from pretrain.flops import Gemm, adaptor_gemms, encoder_gemms, score_gemms
-from pretrain.model import SequenceRecommender
+from pretrain.model import BackboneConfig, SequenceRecommender
+
+
+def last_position_encoder_gemms(b: int, t: int, cfg: BackboneConfig) -> list[Gemm]:
+    """The encoder over ``(b, t)`` positions when only each row's last output is read
+    (:meth:`SequenceRecommender.encode_last`, no backward): every layer but the last in full
+    (:func:`encoder_gemms`); in the last, keys and values ``(bt, H) @ (H, 2H)`` at every
+    position, then the query ``(b, H) @ (H, H)``, one query's attention (``q k^T`` and
+    ``p v`` over ``t`` keys), the output projection and the feed-forward at ``b`` rows."""
+    h = cfg.hidden_size
+    earlier = encoder_gemms(b, t, replace(cfg, num_layers=cfg.num_layers - 1), backward=False)
+    return [gemm for gemm in earlier if gemm.count] + [
+        Gemm(b * t, h, 2 * h),
+        Gemm(b, h, h),
+        Gemm(b, h, t, 2),
+        Gemm(b, h, h),
+        Gemm(b, h, cfg.inner_size),
+        Gemm(b, cfg.inner_size, h),
+    ]
 
 
 class ShapeRecorder:
     """Records, while attached, the shapes a :class:`SequenceRecommender` computes on: rows
-    through the adaptor (per call), ``(b, t)`` through the encoder, ``(p, n)`` scored."""
+    through the adaptor (per call), ``(b, t)`` through the encoder (and whether only the last
+    positions were asked for), ``(p, n)`` scored."""
 
     def __init__(self, model: SequenceRecommender):
         self.model = model
         self.adaptor: list[int] = []
         self.encoder: list[tuple[int, int]] = []
+        self.encoder_last: list[tuple[int, int]] = []
         self.scores: list[tuple[int, int]] = []
         self._hooks = [
-            model.encoder.register_forward_hook(self._on_encoder),
+            model.encoder.register_forward_hook(self._on_encoder, with_kwargs=True),
         ]
         adaptor = getattr(model, "adaptor", None)
         if adaptor is not None:
@@ -52,8 +78,9 @@ class ShapeRecorder:
     def _on_adaptor(self, module, inputs, output) -> None:
         self.adaptor.append(inputs[0].reshape(-1, inputs[0].shape[-1]).shape[0])
 
-    def _on_encoder(self, module, inputs, output) -> None:
-        self.encoder.append(tuple(inputs[0].shape[:2]))
+    def _on_encoder(self, module, inputs, kwargs, output) -> None:
+        lengths = inputs[1] if len(inputs) > 1 else kwargs.get("lengths")
+        (self.encoder if lengths is None else self.encoder_last).append(tuple(inputs[0].shape[:2]))
 
     def _on_score(self, queries, vectors, temperature):
         self.scores.append((queries.reshape(-1, queries.shape[-1]).shape[0], vectors.shape[0]))
@@ -62,6 +89,7 @@ class ShapeRecorder:
     def clear(self) -> None:
         self.adaptor.clear()
         self.encoder.clear()
+        self.encoder_last.clear()
         self.scores.clear()
 
     def detach(self) -> None:
@@ -76,6 +104,8 @@ class ShapeRecorder:
             out += adaptor_gemms(n, text_dim, cfg, training=training, backward=backward)
         for b, t in self.encoder:
             out += encoder_gemms(b, t, cfg, backward=backward)
+        for b, t in self.encoder_last:
+            out += last_position_encoder_gemms(b, t, cfg)
         for p, n in self.scores:
             out += score_gemms(p, n, cfg.hidden_size, backward=backward)
         return out

@@ -15,6 +15,7 @@ The interface (every other module calls only these)::
     item_vectors(text (U, D), ids (U,))            -> (U, H)     adaptor (+ ID embedding)
     catalogue_vectors(text_table (N+1, D))         -> (N+1, H)   all items once, row 0 = 0
     encode(seqs (B, T), vectors (V, H))            -> (B, T, H)  output t summarises 0..t
+    encode_last(seqs, lengths (B,), vectors)       -> (B, H)     output at lengths-1 only
     score(queries (..., H), vectors (N, H), tau)   -> (..., N)   logits
     forward(items (B, T), text_table, ...)         -> SequenceBatch: each distinct item
                                                       through the adaptor once, then encode
@@ -159,8 +160,11 @@ class CausalSelfAttention(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``(B, T, H)`` -> ``(B, T, H)``."""
+    def forward(self, x: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """x: ``(B, T, H)`` -> ``(B, T, H)``; with ``last`` ``(B,)`` long, only the outputs at
+        those positions: ``(B, H)`` (see :meth:`last_outputs`)."""
+        if last is not None:
+            return self.last_outputs(x, last)
         b, t, h = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, h // self.num_heads).unbind(dim=2)
         attn = F.scaled_dot_product_attention(
@@ -172,6 +176,32 @@ class CausalSelfAttention(nn.Module):
         )  # (B, heads, T, H/heads)
         attn = attn.transpose(1, 2).reshape(b, t, h)
         return self.norm(x + self.dropout(self.out(attn)))
+
+    def last_outputs(self, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """x: ``(B, T, H)``, last: ``(B,)`` long -> ``(B, H)``: the output at position
+        ``last[b]`` of each row, equal to ``forward(x)[b, last[b]]`` up to float rounding.
+
+        Keys and values at every position, the query, attention, output projection and
+        residual only at ``last``: a third of the QKV work and all of the output work of the
+        other positions is skipped. Positions after ``last[b]`` are masked, so rows may be
+        right-padded.
+        """
+        b, t, h = x.shape
+        heads = self.num_heads
+        x_last = x[torch.arange(b, device=x.device), last]  # (B, H)
+        q = F.linear(x_last, self.qkv.weight[:h], self.qkv.bias[:h]).view(b, heads, 1, h // heads)
+        k, v = (
+            F.linear(x, self.qkv.weight[h:], self.qkv.bias[h:])
+            .view(b, t, 2, heads, h // heads)
+            .permute(2, 0, 3, 1, 4)
+        )  # (B, heads, T, H/heads) each
+        seen = None
+        if bool((last < t - 1).any()):
+            seen = (torch.arange(t, device=x.device) <= last[:, None]).view(b, 1, 1, t)
+        attn = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=seen, dropout_p=self.attn_dropout if self.training else 0.0
+        )  # (B, heads, 1, H/heads)
+        return self.norm(x_last + self.dropout(self.out(attn.reshape(b, h))))
 
 
 class FeedForward(nn.Module):
@@ -185,7 +215,7 @@ class FeedForward(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``(B, T, H)`` -> ``(B, T, H)``."""
+        """x: ``(..., H)`` -> ``(..., H)``."""
         return self.norm(x + self.dropout(self.down(F.gelu(self.up(x)))))
 
 
@@ -208,10 +238,12 @@ class SequenceEncoder(nn.Module):
         )
         self.apply(lambda m: _init_weights(m, cfg.initializer_range))
 
-    def forward(self, item_vecs: torch.Tensor) -> torch.Tensor:
+    def forward(self, item_vecs: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """item_vecs: ``(B, T, H)`` float32 with ``T <= max_seq_len`` -> ``(B, T, H)`` float32.
 
-        Output t summarises items ``0..t`` (the sequence's prefix ending at t).
+        Output t summarises items ``0..t`` (the sequence's prefix ending at t). With
+        ``lengths`` ``(B,)`` long (>= 1), only each row's output at ``lengths - 1``: ``(B, H)``,
+        the last block run at that position alone (the others still feed its keys and values).
         """
         t = item_vecs.shape[1]
         if t > self.max_seq_len:
@@ -222,9 +254,14 @@ class SequenceEncoder(nn.Module):
         # Called as a module (not .weight[:t]) so DeepSpeed ZeRO-3 gathers the partitioned table.
         positions = self.position(torch.arange(t, device=item_vecs.device))
         x = self.dropout(self.norm(item_vecs + positions))
-        for block in self.blocks:
+        if lengths is None:
+            for block in self.blocks:
+                x = block(x)
+            return x
+        for block in self.blocks[:-1]:
             x = block(x)
-        return x
+        attention, feed_forward = self.blocks[-1]
+        return feed_forward(attention(x, last=lengths - 1))
 
 
 # --- the interface ----------------------------------------------------------------------
@@ -292,6 +329,15 @@ class SequenceRecommender(nn.Module, ABC):
         Output t summarises ``seqs[:, :t+1]``; outputs past a row's length are meaningless.
         """
         return self.encoder(vectors[seqs])
+
+    def encode_last(
+        self, seqs: torch.Tensor, lengths: torch.Tensor, vectors: torch.Tensor
+    ) -> torch.Tensor:
+        """seqs: ``(B, T)`` long row indexes into vectors ``(V, H)``, lengths: ``(B,)`` long
+        (>= 1) -> ``(B, H)``: ``last(encode(seqs, vectors), lengths)`` up to float rounding,
+        with the last block computed at the last position only (ranking reads nothing else).
+        """
+        return self.encoder(vectors[seqs], lengths)
 
     def forward(
         self,

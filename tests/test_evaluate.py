@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptors.evaluate import (
+    Catalogue,
     EvalSplit,
     Ranks,
     item_popularity,
@@ -20,6 +21,7 @@ from adaptors.evaluate import (
     popularity_groups,
     rank_of_targets,
     rank_split,
+    user_blocks,
 )
 from pretrain.model import BackboneConfig, SASRec, UniSRec
 
@@ -227,3 +229,104 @@ def test_sasrec_is_ranked_by_dot_product_of_its_id_embeddings():
         seq = model(torch.tensor([[1, 2]]), None).outputs[0, -1]
         scores = model.item_ids.weight[1:] @ seq
     assert ranks.greater.tolist() == [int((scores > scores[2]).sum())]
+
+
+def _dense_reference(model, table, frame, temperature, exclude_history=False):
+    """Plain ranking: all users padded into one encoder pass, every item scored by one dense
+    matmul, then (greater, ties) counted per user; twins (same text as the target) tie."""
+    n = table.shape[0] - 1
+    split = EvalSplit.from_frame(frame, model.max_seq_len)
+    with torch.no_grad():
+        items = model.catalogue_vectors(table)  # (N+1, H)
+        queries = model.last(model.encode(split.histories, items), split.lengths)  # (U, H)
+        scores = (F.normalize(queries, dim=-1) / temperature) @ F.normalize(items[1:], dim=-1).T
+    out = []
+    for u, (history, target) in enumerate(zip(frame["history"], frame["target"], strict=True)):
+        counted = torch.ones(n, dtype=torch.bool)
+        counted[target - 1] = False
+        if exclude_history:
+            counted[[i - 1 for i in history if i != target]] = False
+        twin = (table[1:] == table[target]).all(dim=1)
+        above = scores[u] > scores[u, target - 1]
+        equal = scores[u] == scores[u, target - 1]
+        out.append((int((above & counted & ~twin).sum()), int(((equal | twin) & counted).sum())))
+    return out
+
+
+def test_fast_ranking_matches_a_dense_reference_over_ragged_histories():
+    """Users of 1..8 history items (T = 8), a catalogue of 90 items with twins, ranked in
+    length groups with the last block at the last position only, in user and item blocks:
+
+        user  0: [a]              length 1   } one length group, encoded unpadded
+        user  1: [b]              length 1   }
+        user  2: [c d e f g h i j] length 8
+        ...
+    """
+    torch.manual_seed(3)
+    cfg = BackboneConfig(hidden_size=16, inner_size=32, num_heads=2, num_experts=3, max_seq_len=8)
+    model = UniSRec(cfg, text_dim=6).eval()
+    with torch.no_grad():
+        model.adaptor.w_gate.normal_(0, 0.5)  # gates away from the uniform start
+    table = F.pad(torch.randn(90, 6), (0, 0, 1, 0))
+    table[40] = table[7]
+    table[41] = table[7]  # items 7, 40, 41 share a text
+    generator = np.random.default_rng(0)
+    lengths = generator.integers(1, 9, size=70)
+    histories = [list(generator.integers(1, 91, size=length)) for length in lengths]
+    targets = list(generator.integers(1, 91, size=70))
+    targets[:6] = [7, 40, 41, 7, 12, 12]
+    histories[4] = [12, 3, 12]  # the target repeats a history item
+    frame = pd.DataFrame({"user": range(70), "history": histories, "target": targets})
+    split = EvalSplit.from_frame(frame, cfg.max_seq_len)
+    for exclude in (False, True):
+        expected = _dense_reference(model, table, frame, 0.07, exclude_history=exclude)
+        for batch_size, item_block in [(1024, 16384), (17, 16384), (20, 31), (3, 90), (1, 7)]:
+            ranks = rank_split(
+                model,
+                split,
+                table,
+                temperature=0.07,
+                exclude_history=exclude,
+                batch_size=batch_size,
+                item_block=item_block,
+            )
+            got = list(zip(ranks.greater.tolist(), ranks.ties.tolist(), strict=True))
+            assert got == expected, (exclude, batch_size, item_block)
+    assert all(expected[u][1] >= 2 for u in range(3))  # the twins tie with the target
+
+
+def test_encode_last_is_the_last_output_of_the_full_encoder():
+    torch.manual_seed(1)
+    cfg = BackboneConfig(hidden_size=16, inner_size=32, num_heads=2, max_seq_len=6)
+    model = UniSRec(cfg, text_dim=4).eval()
+    table = F.pad(torch.randn(20, 4), (0, 0, 1, 0))
+    seqs = torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 0, 0, 0, 0], [9, 0, 0, 0, 0, 0]])
+    with torch.no_grad():
+        items = model.catalogue_vectors(table)
+        for lengths in (torch.tensor([6, 2, 1]), torch.tensor([6, 6, 6])):
+            full = model.last(model.encode(seqs, items), lengths)
+            torch.testing.assert_close(model.encode_last(seqs, lengths, items), full)
+
+
+def test_a_catalogue_computed_once_ranks_like_one_computed_per_split():
+    model = _tiny_unisrec()
+    table = F.pad(torch.randn(12, 4), (0, 0, 1, 0))
+    frame = pd.DataFrame({"user": [0, 1], "history": [[1, 2, 3], [4]], "target": [9, 4]})
+    split = EvalSplit.from_frame(frame, max_seq_len=5)
+    with torch.no_grad():
+        catalogue = Catalogue.of(model, table, item_block=16384)
+    alone = rank_split(model, split, table, temperature=0.07)
+    shared = rank_split(model, split, table, temperature=0.07, catalogue=catalogue)
+    assert torch.equal(alone.greater, shared.greater) and torch.equal(alone.ties, shared.ties)
+
+
+def test_user_blocks_cover_every_row_once_without_a_short_last_block():
+    for count, size in [(0, 8), (5, 1024), (1024, 1024), (1030, 1024), (1050, 1024), (40, 1)]:
+        blocks = user_blocks(count, size)
+        rows = [r for block in blocks for r in range(count)[block]]
+        assert rows == list(range(count))
+        assert (
+            all(block.stop - block.start >= 16 for block in blocks)
+            or len(blocks) <= 1
+            or (size < 16)
+        )
