@@ -1,6 +1,6 @@
 """Requests/s and latency of the multi-tenant endpoint (``unisrec serve``), and where the time goes.
 
-    python benchmarks/bench_serving.py       # both layouts, 1 and 2 replicas, 20 s a phase
+    python benchmarks/bench_serving.py       # every layout, 1 and 2 replicas, 20 s a phase
     python benchmarks/bench_serving.py --layouts split --replicas 1 --large-items 0 --seconds 10
 
 Builds a throw-away MLflow store under --work: a backbone of the paper's shape (hidden 300,
@@ -9,7 +9,10 @@ Builds a throw-away MLflow store under --work: a backbone of the paper's shape (
 inductive adaptors fine-tuned for 0 epochs (serving cost does not depend on training) and
 promoted. Then for each layout (``split``: the ingress and --replicas model replicas, as
 ``unisrec serve`` runs by default; ``colocated``: --replicas replicas of one deployment, ``unisrec
-serve --colocate``) and --replicas count it starts the Ray Serve application on 127.0.0.1,
+serve --colocate``; both through Ray Serve's HTTP proxy, ``--ingress proxy``, and as
+``split-direct`` / ``colocated-direct`` with the ingress replica taking the connections itself,
+``--ingress direct``, the default on one machine; ``colocated-direct`` with 1 replica only) and
+--replicas count it starts the Ray Serve application on 127.0.0.1,
 loads every tenant, and runs closed-loop HTTP clients (keep-alive, histories of 5-20 random
 items, k=10) for --seconds in each phase:
 
@@ -52,6 +55,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "serving.json"
 SMALL = ("shop-a", "shop-b")
 LARGE = "shop-large"
 K = 10
+LAYOUTS = ["split", "colocated", "split-direct", "colocated-direct"]
 TARGETS = {  # (catalogue, clients) -> what the issue asks of these 2 cores
     ("small", "many"): {"requests_per_second": (">=", 300), "p99_ms": ("<=", 60)},
     ("small", 1): {"p50_ms": ("<=", 8)},
@@ -324,10 +328,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--layouts",
         nargs="+",
-        choices=["split", "colocated"],
-        default=["split", "colocated"],
+        choices=LAYOUTS,
+        default=LAYOUTS,
         help="split: ingress + model replicas (the default of `unisrec serve`); colocated: "
-        "one deployment (--colocate)",
+        "one deployment (--colocate); -direct: the ingress replica serves HTTP itself, no proxy "
+        "(--direct-ingress; colocated-direct runs with 1 replica only)",
     )
     parser.add_argument("--torch-threads", type=int, default=1, help="per model replica")
     parser.add_argument(
@@ -356,7 +361,8 @@ def main(argv: list[str] | None = None) -> dict:
     uri = build_store(work, catalogues, args.users)
     load = LoadAverage()
     results = []
-    for layout, replicas in [(lay, r) for lay in args.layouts for r in args.replicas]:
+    plan = [(lay, r) for lay in args.layouts for r in args.replicas]
+    for layout, replicas in [(lay, r) for lay, r in plan if lay != "colocated-direct" or r == 1]:
         port = free_port()
         cfg = EndpointConfig(
             tenants=list(catalogues),
@@ -364,7 +370,8 @@ def main(argv: list[str] | None = None) -> dict:
             replicas=replicas,
             torch_threads=args.torch_threads,
             max_batch_size=args.max_batch_size,
-            colocate=layout == "colocated",
+            colocate=layout.startswith("colocated"),
+            ingress="direct" if layout.endswith("-direct") else "proxy",
             tracking_uri=uri,
         )
         if args.max_batch_size == 1:

@@ -132,14 +132,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         torch_threads=args.torch_threads,
         colocate=args.colocate,
+        ingress=args.ingress,
         tracking_uri=args.tracking_uri,
     )
     url = start(cfg)
     # `kill PID` (as a process supervisor stops it) also shuts the application down.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(
-        f"serving {', '.join(cfg.tenants)} ({cfg.alias}) at {url}/recommend/<tenant>; "
-        "Ctrl-C stops it.",
+        f"serving {', '.join(cfg.tenants)} ({cfg.alias}) at {url}/recommend/<tenant> "
+        f"(ingress: {cfg.ingress}); Ctrl-C stops it.",
         flush=True,
     )
     try:
@@ -312,7 +313,16 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
         "--colocate",
         action="store_true",
         help="ingress and models in one deployment (--replicas of it): no hop between them, "
-        "but a replica lost mid-request is answered by Ray Serve's proxy (a plain 500), not a 503",
+        "but a replica lost mid-request gets no JSON 503 (its connection drops, or through "
+        "the proxy a plain 500)",
+    )
+    p.add_argument(
+        "--ingress",
+        choices=["auto", "direct", "proxy"],
+        default="auto",
+        help="who takes the HTTP connections: direct = the ingress replica itself (no proxy "
+        "hop; one ingress replica), proxy = Ray Serve's HTTP proxy; auto (default): direct on "
+        "a one-node Ray unless --colocate with --replicas > 1",
     )
     p.add_argument(
         "--tracking-uri",

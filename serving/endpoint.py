@@ -5,7 +5,7 @@
       400 / 404 / 413 {"error": "what is wrong"}     (bad request, unknown tenant, body too large)
       503 {"error": "..."} + Retry-After             (the version cannot be loaded, or no answer
                                                       within request_timeout_s)
-    GET  /-/healthz            Ray Serve's proxy: 200 "success" while it runs (liveness)
+    GET  /-/healthz            Ray Serve: 200 "success" while the HTTP server runs (liveness)
     GET  /-/ready              200 when every served tenant's version is loaded or loadable,
                                else 503; per tenant {"version", "ready", "error"}
     GET  /-/tenants            {tenant: version served now}
@@ -28,11 +28,17 @@ Two deployments:
   version that fails to load is remembered for ``alias_refresh_s`` and answered with a 503
   naming it.
 
+Who takes the HTTP connections (``ingress``, ``unisrec serve --ingress``): with "direct"
+(the default on a one-node Ray) the ingress replica itself, on the port (Ray Serve's direct
+ingress; Serve still starts its proxy, on another port nobody uses); with "proxy" Ray
+Serve's HTTP proxy, which hands every request to the ingress replica over Ray. The proxy
+costs more CPU per request than the rest of the endpoint together on 2 cores.
+
 Why the time goes where it goes (docs/benchmarks.md, "Serving"): every request crosses the
-proxy and the ingress; the hop to a model replica is paid once per batch, not per request.
-``colocate`` (``unisrec serve --colocate``) puts the models in the ingress's replicas: no hop
-at all (a lone request about a third faster), but a replica lost mid-request is then
-answered by Ray Serve's proxy (its plain-text 500), not by the ingress's 503.
+ingress (and the proxy, if there is one); the hop to a model replica is paid once per batch,
+not per request. ``colocate`` (``unisrec serve --colocate``) puts the models in the
+ingress's replicas: no hop at all, but a replica lost mid-request then drops its
+connections (through the proxy: the proxy's plain-text 500), no 503 from the ingress.
 
 Everything binds to 127.0.0.1.
 """
@@ -70,9 +76,15 @@ class EndpointConfig:
     max_body_bytes: int = 65536  # a larger request body gets a 413
     access_log: bool = False  # Ray Serve's line per request (costs CPU on every hop)
     # Ingress and models in one deployment: no hop between them (a lone request about a
-    # third faster), but a replica lost mid-request is answered by Ray Serve's proxy (its
-    # own plain-text 500), not with a 503, and new requests wait for its replacement.
+    # third faster), but a replica lost mid-request answers no 503: its connections drop
+    # (through the proxy: the proxy's plain-text 500), new ones wait for its replacement.
     colocate: bool = False
+    # Who takes the HTTP connections on 127.0.0.1:port. "direct": the ingress replica itself
+    # (Ray Serve's direct ingress; no proxy process in the path, a third of the CPU per
+    # request); needs one ingress replica on this machine. "proxy": Ray Serve's HTTP proxy,
+    # which hands each request to an ingress replica. "auto": direct on a one-node Ray unless
+    # colocated replicas > 1. A running Ray Serve keeps the one it started with.
+    ingress: str = "auto"
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
 
     def validate(self) -> None:
@@ -86,6 +98,27 @@ class EndpointConfig:
             raise ConfigError("--max-batch-size and calls_per_replica must be >= 1")
         if self.request_timeout_s <= 0 or self.alias_refresh_s <= 0:
             raise ConfigError("--request-timeout and --alias-refresh must be > 0")
+        if self.ingress not in ("auto", "direct", "proxy"):
+            raise ConfigError(f"--ingress: auto, direct or proxy, not {self.ingress!r}")
+        if self.ingress == "direct" and self.colocate and self.replicas > 1:
+            raise ConfigError(
+                "--ingress direct serves from one ingress replica on --port: with --colocate, "
+                "use --replicas 1 (or --ingress proxy)"
+            )
+
+
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """Ray Serve's settings (read from the environment by its controller and replicas when
+    they start) that make the ingress replica serve HTTP itself on ``port`` alone. The
+    replica leaving (a kill, a redeploy) frees the port at once: no load balancer in front
+    needs a draining period, nor the port a quarantine."""
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),  # exclusive
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+    }
 
 
 class RequestError(Exception):
@@ -266,6 +299,27 @@ def _rss_mib() -> float:
     return 0.0
 
 
+def reuse_direct_ingress_port() -> None:
+    """Make this replica's direct-ingress HTTP server bind its port with SO_REUSEPORT.
+
+    Ray Serve binds the port without it, so a replica's replacement (after a kill, or a
+    redeploy) cannot bind while the connections its predecessor closed linger in the kernel
+    (FIN-WAIT/TIME-WAIT, up to a minute, whenever clients keep connections alive), and Serve
+    then takes the port out of its pool for good: the endpoint never comes back. Ray's own
+    server start has the option (its proxies use it); this turns it on for the ingress."""
+    from ray.serve._private import replica
+
+    start_server = replica.start_asgi_http_server
+    if getattr(start_server, "reuses_port", False):
+        return
+
+    async def start_with_reuse(app, http_options, **kwargs):
+        return await start_server(app, http_options, **{**kwargs, "enable_so_reuseport": True})
+
+    start_with_reuse.reuses_port = True
+    replica.start_asgi_http_server = start_with_reuse
+
+
 def build_app(cfg: EndpointConfig):
     """The Ray Serve application (pass it to ``serve.run``)."""
     from fastapi import FastAPI, Request
@@ -281,7 +335,11 @@ def build_app(cfg: EndpointConfig):
     logging_config = {"enable_access_log": cfg.access_log}
     # Replicas call the tracking server as the user who started the endpoint, whether this
     # process started Ray (its workers inherit the environment) or joined a running one.
-    replica_options = {"num_cpus": 0, "runtime_env": {"env_vars": tracking_credentials()}}
+    env = {
+        **tracking_credentials(),
+        **(direct_ingress_env(cfg.port) if cfg.ingress == "direct" else {}),
+    }
+    replica_options = {"num_cpus": 0, "runtime_env": {"env_vars": env}}
     # A model replica died or is being replaced: the same call again reaches another replica
     # or the replacement.
     replica_gone = (RayActorError, WorkerCrashedError, ReplicaUnavailableError, BackPressureError)
@@ -391,6 +449,8 @@ def build_app(cfg: EndpointConfig):
         def __init__(self, models, settings: dict):
             from unisrec.tracking import configure_mlflow
 
+            if settings["ingress"] == "direct":
+                reuse_direct_ingress_port()  # before Serve starts this replica's server
             configure_mlflow(settings["tracking_uri"])
             self.models = models  # a handle to the TenantModels deployment, or None:
             self.local = None if models is not None else TenantModels(settings)  # colocated
@@ -640,24 +700,67 @@ def _json_error(status: int, message: str):
 
 def start(cfg: EndpointConfig) -> str:
     """Start (or update) the application on 127.0.0.1:``cfg.port`` in the current Ray (a
-    local one is started if needed); returns its base URL. Checks the tenants first."""
-    from ray import serve
+    local one is started if needed); returns its base URL. Checks the tenants first, and
+    settles ``cfg.ingress`` ("auto" becomes "direct" or "proxy").
 
-    from unisrec.runtime import ensure_ray
+    With direct ingress the ingress replica listens on the port and Ray Serve's proxy (which
+    Serve starts anyway) on another, unused one. Which of the two a Ray Serve instance does
+    is fixed when it starts: a running one keeps its own, and asking for the other is refused.
+    Updating a direct-ingress application stops it first (its replica holds the port)."""
+    import ray
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    from unisrec.runtime import ensure_ray, free_port
     from unisrec.tracking import configure_mlflow
 
     cfg.validate()
     cfg.tracking_uri = configure_mlflow(cfg.tracking_uri)
     check_tenants(cfg)
     ensure_ray()
+    running = _get_global_client(raise_if_no_controller_running=False)
+    if running is not None:
+        proxy_port = running.http_config.port
+        groups = ray.get(running._controller.get_target_groups.remote())
+        if proxy_port == cfg.port:
+            mode = "proxy"
+        elif any(target.port == cfg.port for group in groups for target in group.targets):
+            mode = "direct"  # an ingress replica of this Ray Serve listens on the port
+        else:
+            raise ConfigError(
+                f"Ray Serve already runs in this Ray, not on port {cfg.port}; shut it down "
+                "(serve shutdown) or serve on its port"
+            )
+        if cfg.ingress not in ("auto", mode):
+            raise ConfigError(
+                f"Ray Serve already runs in this Ray with --ingress {mode}; shut it down "
+                "(serve shutdown) to change it"
+            )
+        cfg.ingress = mode
+    else:
+        if cfg.ingress == "auto":
+            one_node = sum(node["Alive"] for node in ray.nodes()) == 1
+            many_ingress = cfg.colocate and cfg.replicas > 1
+            cfg.ingress = "direct" if one_node and not many_ingress else "proxy"
+        proxy_port = free_port() if cfg.ingress == "direct" else cfg.port
+    cfg.validate()
     serve.start(
         # The proxy's own limit only backs up the ingress's (it answers 408 in plain text).
         http_options={
             "host": "127.0.0.1",
-            "port": cfg.port,
+            "port": proxy_port,
             "request_timeout_s": cfg.request_timeout_s + 30,
         },
         logging_config={"enable_access_log": cfg.access_log},
+        controller_options=(
+            {"runtime_env": {"env_vars": direct_ingress_env(cfg.port)}}
+            if cfg.ingress == "direct"
+            else None
+        ),
     )
+    if running is not None and cfg.ingress == "direct" and APP_NAME in serve.status().applications:
+        # The port is the running ingress replica's until it stops, and a rolling update
+        # starts the new one first: stop the old application (requests in between are refused).
+        serve.delete(APP_NAME)
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
     return f"http://127.0.0.1:{cfg.port}"

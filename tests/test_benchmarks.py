@@ -349,7 +349,7 @@ def test_bench_serving(tmp_path):
     rows = {(r["layout"], r["catalogue"], r["clients"]): r for r in result["results"]}
     assert set(rows) == {
         (layout, catalogue, clients)
-        for layout in ("split", "colocated")
+        for layout in ("split", "colocated", "split-direct", "colocated-direct")
         for catalogue in ("small", "large")
         for clients in (2, 1)
     }
@@ -368,8 +368,11 @@ def test_bench_serving(tmp_path):
             "rank_ms_per_batch",
         )
         cpu = row["stages"]["cpu_ms_per_request"]
-        assert_positive(cpu, "proxy", "ingress", "clients")
-        assert ("models" in cpu) == (layout == "split")  # colocated: the models are the ingress
+        assert_positive(cpu, "ingress", "clients")
+        if not layout.endswith("-direct"):  # direct: the proxy runs, but idle
+            assert_positive(cpu, "proxy")
+        # colocated: the models are the ingress
+        assert ("models" in cpu) == layout.startswith("split")
     assert {(t["catalogue"], t["metric"]) for t in result["targets"]} == {
         ("small", "requests_per_second"),
         ("small", "p99_ms"),

@@ -475,7 +475,8 @@ def test_rollback_and_models_list(store, capsys):
 
 def test_colocated_ingress_and_models_answer_the_same(store, endpoint):
     """``colocate``: one deployment, no hop to a model replica; the same answers. Replaces the
-    module's application on the same port, so it runs last."""
+    module's application on the same port (with direct ingress the old replica holds it until
+    it stops), so it runs last but one."""
     from serving.endpoint import EndpointConfig, start
 
     port = int(endpoint.rsplit(":", 1)[1])
@@ -488,3 +489,40 @@ def test_colocated_ingress_and_models_answer_the_same(store, endpoint):
     stats = get(f"{url}/-/stats")
     assert stats["pid"] == stats["ingress"]["pid"]  # the models live in the ingress
     assert len(stats["loaded"]) == 2 and stats["backbones"] == 1
+    assert port in listening_ports(stats["pid"])  # direct ingress (the default): no proxy
+
+
+def test_ingress_direct_by_default_proxy_on_request(store, endpoint):
+    """A one-node Ray serves with direct ingress unless told otherwise; a running Ray Serve
+    keeps its mode (asking for the other is refused); ``ingress="proxy"`` puts Ray Serve's
+    proxy on the port, with the same answers. Restarts Ray Serve, so it runs last."""
+    from ray import serve
+
+    from serving.endpoint import EndpointConfig, start
+
+    port = int(endpoint.rsplit(":", 1)[1])
+    assert port in listening_ports(get(f"{endpoint}/-/stats")["ingress"]["pid"])
+    with pytest.raises(ConfigError, match="--ingress direct"):
+        start(EndpointConfig(tenants=["crafts"], port=port, ingress="proxy"))
+    with pytest.raises(ConfigError, match="--replicas 1"):
+        EndpointConfig(tenants=["crafts"], colocate=True, replicas=2, ingress="direct").validate()
+
+    serve.shutdown()
+    cfg = EndpointConfig(
+        tenants=["crafts", "gifts"], port=free_port(), ingress="proxy", tracking_uri=store["uri"]
+    )
+    url = start(cfg)
+    assert cfg.ingress == "proxy"
+    assert_concurrent_answers_are_top_k(store, url)
+    assert cfg.port not in listening_ports(get(f"{url}/-/stats")["ingress"]["pid"])
+
+
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process ``pid`` listens on."""
+    import psutil
+
+    return {
+        c.laddr.port
+        for c in psutil.Process(pid).net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN
+    }

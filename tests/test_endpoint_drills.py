@@ -10,7 +10,9 @@ tests/test_endpoint.py: crafts and gifts, 30 items each) and checks what every c
   tenant is untouched, promoting the previous version back restores it;
 * health, readiness and a body over the limit;
 * a model replica killed mid-load: Ray Serve replaces it, requests in the gap get a 503 with
-  a JSON body within the request timeout (never a 500, never a hang), serving recovers.
+  a JSON body within the request timeout (never a 500, never a hang), serving recovers;
+* the ingress replica killed mid-load (direct ingress: it holds the port): connections in the
+  gap drop, its replacement takes the port back, serving recovers.
 
 Figures (requests sent, failed, seconds to recover, latency, memory) are printed, and
 appended as JSON lines to ``$UNISREC_DRILL_REPORT`` when it is set. The steady drill runs
@@ -35,7 +37,7 @@ import numpy as np
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
-from test_endpoint import get, make_store
+from test_endpoint import get, listening_ports, make_store
 
 from recipes.cli import main as cli
 from serving.lifecycle import add_catalogue_version, promote
@@ -256,7 +258,7 @@ def twin_vectors(store: dict):
 
 def test_health_readiness_and_a_body_over_the_limit(endpoint):
     status, body = request(endpoint, "GET", "/-/healthz")
-    assert status == 200  # Ray Serve's proxy: the HTTP server is alive
+    assert status == 200  # the ingress replica's HTTP server is alive (direct ingress)
     status, body = request(endpoint, "GET", "/-/ready")
     assert status == 200, body
     assert body == {
@@ -452,4 +454,38 @@ def test_a_killed_model_replica_is_replaced_and_the_gap_gets_json_503s(endpoint)
         seconds_to_recover=round(recovered.finished - killed, 2),
         retried_calls=get(f"{endpoint}/-/stats").get("ingress", {}).get("retries", 0)
         - retries_before,
+    )
+
+
+def test_a_killed_ingress_replica_takes_the_port_back(endpoint):
+    """Direct ingress (the default here): the ingress replica itself listens on the port. Killed
+    mid-load, its clients' connections drop (no JSON answer: nothing else holds the port); its
+    replacement binds the same port while the old connections linger in the kernel, and
+    serving goes on."""
+    pid = replica_pid("Endpoint")
+    port = int(endpoint.rsplit(":", 1)[1])
+    assert port in listening_ports(pid)  # no proxy in the path
+    with ClosedLoop(endpoint, 8) as load:
+        time.sleep(3)
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        recovered = wait_until(
+            load,
+            lambda a: a.started > killed and a.status == 200,
+            120,
+            "200 from a request sent after the kill",
+        )
+        time.sleep(3)
+    answers = load.snapshot()
+    assert {a.status for a in answers} <= {0, 200}  # a dropped connection, never a 5xx
+    late = [a for a in answers if a.started > recovered.finished + 1]
+    assert late and all(a.status == 200 for a in late)
+    new_pid = replica_pid("Endpoint")
+    assert new_pid != pid and port in listening_ports(new_pid)
+    # Clients retry a refused connection at once: count answers only.
+    answered = [a for a in answers if a.finished > killed and a.status == 200]
+    report(
+        "ingress replica killed",
+        answered_after_kill=len(answered),
+        seconds_to_recover=round(recovered.finished - killed, 2),
     )
