@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from adaptors.bundle import AdaptorSpec
 from adaptors.catalogue import Catalogue
-from pretrain.model import SequenceRecommender, UniSRec
+from pretrain.model import SequenceRecommender
 
 
 def parse_history(history: str | Sequence[str]) -> list[str]:
@@ -50,20 +50,14 @@ class RankingTable:
 
     item_vectors: ``(C+1, H)`` float32, :func:`catalogue_item_vectors` (row 0 zeros): what the
         encoder reads histories from.
-    candidates: ``(C, H)`` float32, items 1..C as the model's ``score`` uses them. For
-        :class:`~pretrain.model.UniSRec` they are L2-normalised once here (``score``
-        normalises the candidates on every call: ~90 ms for 100,000 items on one core,
-        against ~15 ms for the product itself); otherwise they are the item vectors.
+    candidates: ``(C, H)`` float32, items 1..C as the model's
+        :meth:`~pretrain.model.SequenceRecommender.score_candidates` reads them (UniSRec's
+        L2-normalised once here instead of on every call: ~90 ms for 100,000 items on one
+        core, against ~15 ms for the product itself).
     """
 
     item_vectors: torch.Tensor
     candidates: torch.Tensor
-
-
-def _scores_prepared(model: SequenceRecommender) -> bool:
-    """Whether :func:`_score` may use normalised candidates: only for UniSRec's own ``score``
-    (a subclass that changes it is scored through its ``score``)."""
-    return isinstance(model, UniSRec) and type(model).score is UniSRec.score
 
 
 @torch.no_grad()
@@ -78,19 +72,7 @@ def ranking_table(
     vectors = (
         item_vectors if item_vectors is not None else catalogue_item_vectors(model, spec, catalogue)
     )
-    candidates = F.normalize(vectors[1:], dim=-1) if _scores_prepared(model) else vectors[1:]
-    return RankingTable(vectors, candidates)
-
-
-def _score(
-    model: SequenceRecommender, queries: torch.Tensor, table: RankingTable, temperature: float
-) -> torch.Tensor:
-    """``model.score(queries, table.item_vectors[1:], temperature)``, ``(B, H)`` -> ``(B, C)``,
-    with the candidates' part done once: UniSRec's ``score`` step for step, so the values
-    are the same bit for bit (tests/test_serving.py holds the two together)."""
-    if _scores_prepared(model):
-        return (F.normalize(queries, dim=-1) / temperature) @ table.candidates.T
-    return model.score(queries, table.candidates, temperature)
+    return RankingTable(vectors, model.candidates(vectors[1:]))
 
 
 @torch.no_grad()
@@ -129,7 +111,7 @@ def top_k(
     for row, idx in enumerate(indexes):
         padded[row, : len(idx)] = torch.tensor(idx)
     last = model.last(model.encode(padded, items), lengths)  # (B, H)
-    scores = _score(model, last, table, spec.temperature)  # (B, C)
+    scores = model.score_candidates(last, table.candidates, spec.temperature)  # (B, C)
     scores = F.pad(scores, (1, 0), value=float("-inf"))  # (B, C+1)
     if spec.baseline == "sasrec":
         scores[:, spec.num_items + 1 :] = float("-inf")

@@ -300,11 +300,23 @@ class SequenceRecommender(nn.Module, ABC):
     def item_vectors(self, text_vecs: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
         """text_vecs: ``(..., D)`` float32, ids: ``(...)`` long -> ``(..., H)`` float32."""
 
+    def candidates(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Item vectors ``(N, H)`` as :meth:`score_candidates` reads them; a caller that
+        scores many queries against one catalogue computes them once."""
+        return vectors
+
     @abstractmethod
+    def score_candidates(
+        self, queries: torch.Tensor, candidates: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
+        """queries: ``(..., H)``, candidates: ``(N, H)`` from :meth:`candidates` -> logits
+        ``(..., N)`` float32."""
+
     def score(
         self, queries: torch.Tensor, vectors: torch.Tensor, temperature: float
     ) -> torch.Tensor:
         """queries: ``(..., H)``, vectors: ``(N, H)`` -> logits ``(..., N)`` float32."""
+        return self.score_candidates(queries, self.candidates(vectors), temperature)
 
     @abstractmethod
     def tuned_parameters(self) -> Iterator[nn.Parameter]:
@@ -421,11 +433,15 @@ class UniSRec(SequenceRecommender):
             vecs = vecs + self.item_ids(ids)
         return vecs
 
-    def score(
-        self, queries: torch.Tensor, vectors: torch.Tensor, temperature: float
+    def candidates(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Cosine scoring: the items L2-normalised."""
+        return F.normalize(vectors, dim=-1)
+
+    def score_candidates(
+        self, queries: torch.Tensor, candidates: torch.Tensor, temperature: float
     ) -> torch.Tensor:
         # 1/tau on the (..., H) queries, not on the (..., N) logits: one pass less each way.
-        return (F.normalize(queries, dim=-1) / temperature) @ F.normalize(vectors, dim=-1).T
+        return (F.normalize(queries, dim=-1) / temperature) @ candidates.T
 
     def tuned_parameters(self) -> Iterator[nn.Parameter]:
         """The MoE adaptor, the encoder's input LayerNorm and, if transductive, the item ID
@@ -459,10 +475,10 @@ class SASRec(SequenceRecommender):
     def item_vectors(self, text_vecs: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
         return self.item_ids(ids)
 
-    def score(
-        self, queries: torch.Tensor, vectors: torch.Tensor, temperature: float
+    def score_candidates(
+        self, queries: torch.Tensor, candidates: torch.Tensor, temperature: float
     ) -> torch.Tensor:
-        return queries @ vectors.T
+        return queries @ candidates.T
 
     def tuned_parameters(self) -> Iterator[nn.Parameter]:
         return self.parameters()

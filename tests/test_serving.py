@@ -17,7 +17,7 @@ from adaptors.bundle import load_bundle
 from adaptors.catalogue import Catalogue
 from adaptors.config import FinetuneConfig
 from adaptors.finetune import run_finetune
-from adaptors.topk import _score, ranking_table, top_k
+from adaptors.topk import ranking_table, top_k
 from pretrain.model import BackboneConfig, SASRec, UniSRec
 from serving.commands import register_commands
 from serving.endpoint import rank_requests, share_frozen_encoder
@@ -181,7 +181,9 @@ def test_ranking_table_scores_bit_for_bit_as_the_models_own_score(tenants):
         table = ranking_table(model, None, None, item_vectors=vectors)
         queries = torch.randn(7, TINY["hidden_size"])
         expected = model.score(queries, vectors[1:], 0.07)
-        assert torch.equal(_score(model, queries, table, 0.07), expected), type(model).__name__
+        assert torch.equal(model.score_candidates(queries, table.candidates, 0.07), expected), type(
+            model
+        ).__name__
 
 
 def test_top_k_with_a_kept_table_equals_top_k_without(tenants):
