@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 from machine_load import LoadAverage
+from synthetic_tenants import build_tenants, item_key
 
 RESULTS = Path(__file__).resolve().parent / "results" / "recommend_batch.json"
 TENANT = "batch-shop"
@@ -35,80 +36,6 @@ MODELS = {
     "paper": ({}, 384),  # BackboneConfig defaults: hidden 300, 2 layers, 8 experts
     "tiny": ({"hidden_size": 16, "inner_size": 32, "num_experts": 2, "max_seq_len": 10}, 8),
 }
-
-
-def build_tenant(work: Path, items: int, model: str) -> str:
-    """A dataset, a registered backbone and one promoted tenant; returns the tracking URI."""
-    import mlflow
-    import torch
-
-    from adaptors.config import FinetuneConfig
-    from adaptors.finetune import run_finetune
-    from pretrain.model import BackboneConfig, UniSRec
-    from pretrain.registry import register_backbone
-    from serving.lifecycle import promote
-    from sharding.config import ProcessingConfig, ShardJobConfig, ShardOutputConfig
-    from sharding.dataset_writer import EncodedDomain, write_dataset
-    from sharding.types import DomainSequences
-    from unisrec.config import from_dict
-    from unisrec.tracking import configure_mlflow
-
-    shape, dim = MODELS[model]
-    rng = np.random.default_rng(0)
-    sequences = [
-        rng.integers(1, items + 1, size=int(rng.integers(5, 21))).astype(np.int64)
-        for _ in range(50)  # the fine-tune needs data, not much of it (0 epochs)
-    ]
-    domain = EncodedDomain(
-        sequences=DomainSequences(
-            name=TENANT,
-            item_keys=[f"item-{i}" for i in range(1, items + 1)],
-            item_texts=[f"item {i}" for i in range(1, items + 1)],
-            user_keys=[f"u{u}" for u in range(len(sequences))],
-            sequences=sequences,
-        ),
-        pretrain=False,
-        vectors=rng.standard_normal((items, dim)).astype(np.float32),
-        worddrop_vectors=None,
-    )
-    data = work / "data"
-    encoder = {"name": "bench-encoder", "dim": dim, "pooling": "cls", "max_length": 32}
-    cfg = ShardJobConfig(
-        domains=[],
-        processing=ProcessingConfig(max_seq_len=from_dict(BackboneConfig, shape).max_seq_len),
-        shards=ShardOutputConfig(num_shards=1),
-    )
-    write_dataset(data, [domain], encoder, cfg)
-
-    uri = configure_mlflow(f"sqlite:///{work / 'mlflow.db'}")
-    mlflow.set_experiment("bench-pretrain")
-    with mlflow.start_run() as run:
-        pass
-    torch.manual_seed(0)
-    register_backbone(
-        UniSRec(from_dict(BackboneConfig, shape), text_dim=dim),
-        run_id=run.info.run_id,
-        name="bench-backbone",
-        alias="current",
-        data_digest="bench",
-        encoder="bench-encoder",
-        encoder_dim=dim,
-        config_hash="0" * 16,
-    )
-    ft = from_dict(
-        FinetuneConfig,
-        {
-            "tenant": TENANT,
-            "data": {"dir": str(data), "domain": TENANT},
-            "backbone": "models:/bench-backbone@current",
-            "optim": {"max_epochs": 0},
-            "mlflow": {"tracking_uri": uri},
-            "output_root": str(work / "finetune"),
-        },
-    )
-    run_finetune(ft, progress=False)
-    promote(TENANT, by="bench")
-    return uri
 
 
 def write_users(path: Path, users: int, items: int, chunk: int = 50_000) -> None:
@@ -123,7 +50,7 @@ def write_users(path: Path, users: int, items: int, chunk: int = 50_000) -> None
         for start in range(0, users, chunk):
             rows = range(start, min(start + chunk, users))
             histories = [
-                [f"item-{i}" for i in rng.integers(1, items + 1, int(rng.integers(5, 21)))]
+                [item_key(TENANT, i) for i in rng.integers(1, items + 1, int(rng.integers(5, 21)))]
                 for _ in rows
             ]
             writer.write_table(
@@ -190,7 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    uri = build_tenant(work, args.items, args.model)
+    shape, dim = MODELS[args.model]
+    # 50 users: the fine-tune (0 epochs) needs data, not much of it
+    uri = build_tenants(work, {TENANT: args.items}, 50, backbone=shape, text_dim=dim)
     users = work / "users.parquet"
     write_users(users, args.users, args.items)
 

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 from machine_load import LoadAverage
+from synthetic_tenants import build_tenants, item_key
 
 from unisrec.runtime import free_port, use_loopback
 
@@ -61,85 +62,6 @@ TARGETS = {  # (catalogue, clients) -> what the issue asks of these 2 cores
     ("small", 1): {"p50_ms": ("<=", 8)},
     ("large", "many"): {"p99_ms": ("<=", 100)},
 }
-
-
-def build_store(work: Path, catalogues: dict[str, int], users: int) -> str:
-    """Dataset, backbone and the promoted tenants ``{name: items}``; returns the tracking URI."""
-    import mlflow
-    import torch
-
-    from adaptors.config import FinetuneConfig
-    from adaptors.finetune import run_finetune
-    from pretrain.model import BackboneConfig, UniSRec
-    from pretrain.registry import register_backbone
-    from serving.lifecycle import promote
-    from sharding.config import ProcessingConfig, ShardJobConfig, ShardOutputConfig
-    from sharding.dataset_writer import EncodedDomain, write_dataset
-    from sharding.types import DomainSequences
-    from unisrec.config import from_dict
-    from unisrec.tracking import configure_mlflow
-
-    rng = np.random.default_rng(0)
-    dim = 384
-    domains = []
-    for name, items in catalogues.items():
-        sequences = [
-            rng.integers(1, items + 1, size=int(rng.integers(5, 21))).astype(np.int64)
-            for _ in range(users)
-        ]
-        domains.append(
-            EncodedDomain(
-                sequences=DomainSequences(
-                    name=name,
-                    item_keys=[f"{name}-{i}" for i in range(1, items + 1)],
-                    item_texts=[f"{name} item {i}" for i in range(1, items + 1)],
-                    user_keys=[f"u{u}" for u in range(users)],
-                    sequences=sequences,
-                ),
-                pretrain=False,
-                vectors=rng.standard_normal((items, dim)).astype(np.float32),
-                worddrop_vectors=None,
-            )
-        )
-    data = work / "data"
-    encoder = {"name": "bench-encoder", "dim": dim, "pooling": "cls", "max_length": 32}
-    cfg = ShardJobConfig(
-        domains=[],
-        processing=ProcessingConfig(max_seq_len=50),
-        shards=ShardOutputConfig(num_shards=1),
-    )
-    write_dataset(data, domains, encoder, cfg)
-
-    uri = configure_mlflow(f"sqlite:///{work / 'mlflow.db'}")
-    mlflow.set_experiment("bench-pretrain")
-    with mlflow.start_run() as run:
-        pass
-    torch.manual_seed(0)
-    register_backbone(
-        UniSRec(BackboneConfig(), text_dim=dim),
-        run_id=run.info.run_id,
-        name="bench-backbone",
-        alias="current",
-        data_digest="bench",
-        encoder="bench-encoder",
-        encoder_dim=dim,
-        config_hash="0" * 16,
-    )
-    for tenant in catalogues:
-        ft = from_dict(
-            FinetuneConfig,
-            {
-                "tenant": tenant,
-                "data": {"dir": str(data), "domain": tenant},
-                "backbone": "models:/bench-backbone@current",
-                "optim": {"max_epochs": 0},
-                "mlflow": {"tracking_uri": uri},
-                "output_root": str(work / "finetune"),
-            },
-        )
-        run_finetune(ft, progress=False)
-        promote(tenant, by="bench")
-    return uri
 
 
 def load_test(
@@ -159,7 +81,7 @@ def load_test(
             tenant = tenants[(index + n) % len(tenants)]
             items = catalogues[tenant]
             history = [
-                f"{tenant}-{i}" for i in rng.integers(1, items + 1, int(rng.integers(5, 21)))
+                item_key(tenant, i) for i in rng.integers(1, items + 1, int(rng.integers(5, 21)))
             ]
             body = json.dumps({"history": history, "k": K})
             started = time.perf_counter()
@@ -358,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
     catalogues = {name: args.items for name in SMALL}
     if args.large_items:
         catalogues[LARGE] = args.large_items
-    uri = build_store(work, catalogues, args.users)
+    uri = build_tenants(work, catalogues, args.users)
     load = LoadAverage()
     results = []
     plan = [(lay, r) for lay in args.layouts for r in args.replicas]
