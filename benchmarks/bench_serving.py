@@ -252,9 +252,10 @@ def main(argv: list[str] | None = None) -> dict:
         nargs="+",
         choices=LAYOUTS,
         default=LAYOUTS,
-        help="split: ingress + model replicas (the default of `unisrec serve`); colocated: "
-        "one deployment (--colocate); -direct: the ingress replica serves HTTP itself, no proxy "
-        "(--direct-ingress; colocated-direct runs with 1 replica only)",
+        help="split: ingress + model replicas; colocated: one deployment (--colocate); "
+        "without -direct through Ray Serve's proxy (--ingress proxy), with it the ingress "
+        "replica serves HTTP itself (--ingress direct, the default of `unisrec serve` on one "
+        "machine; colocated-direct runs with 1 replica only)",
     )
     parser.add_argument("--torch-threads", type=int, default=1, help="per model replica")
     parser.add_argument(
