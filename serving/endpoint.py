@@ -309,7 +309,13 @@ def reuse_direct_ingress_port() -> None:
     server start has the option (its proxies use it); this turns it on for the ingress."""
     from ray.serve._private import replica
 
-    start_server = replica.start_asgi_http_server
+    start_server = getattr(replica, "start_asgi_http_server", None)
+    if start_server is None:  # another Ray layout: its own binding, and a warning once
+        logging.getLogger(__name__).warning(
+            "direct ingress: this Ray has no replica.start_asgi_http_server; a replaced "
+            "ingress replica may not get its port back while old connections linger"
+        )
+        return
     if getattr(start_server, "reuses_port", False):
         return
 
