@@ -43,15 +43,21 @@ def claim_model_name(name: str, tenant: str) -> None:
     A registered model without a ``unisrec.tenant`` tag (a backbone, say) is not ours either.
     A server with users hides the models a user may not read, so there a name nobody granted
     this user is refused although it may not exist: an admin creates tenants' models
-    (``unisrec tenants add``).
+    (``unisrec tenants add``, ``unisrec tenants add-variant``).
     """
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from unisrec import access
 
+    own = T.adaptor_model_name(tenant)
+    hint = (
+        f"the admin creates it: unisrec tenants add-variant {tenant} {name[len(own) + 1 :]}"
+        if name.startswith(own + ".")
+        else ""
+    )
     try:
-        with access.needs("EDIT", access.REGISTERED_MODEL, name):
+        with access.needs("EDIT", access.REGISTERED_MODEL, name, hint):
             model = MlflowClient().get_registered_model(name)
     except MlflowException as err:
         if err.error_code == "RESOURCE_DOES_NOT_EXIST":

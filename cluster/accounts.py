@@ -4,13 +4,15 @@
     export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
     export MLFLOW_TRACKING_USERNAME=admin MLFLOW_TRACKING_PASSWORD="$UNISREC_ADMIN_PASSWORD"
     unisrec tenants add acme --password-file acme.pw          # a tenant
+    unisrec tenants add-variant acme full                     # unisrec-adaptor-acme.full
     unisrec tenants add-reader serving --password-file s.pw   # the read-only serving user
     unisrec tenants sync                                      # after a new backbone
     unisrec tenants list
 
 Who may do what (MLflow grants per registered model and per experiment; nothing by default):
 
-* tenant ``T``: EDIT on its registered model ``unisrec-adaptor-T`` and on its experiment
+* tenant ``T``: EDIT on its registered model ``unisrec-adaptor-T`` (and on each
+  ``unisrec-adaptor-T.<variant>`` the admin adds) and on its experiment
   ``unisrec-finetune-T`` (fine-tune, register versions, move aliases, set tags; not delete).
   READ on every backbone (``unisrec-backbone``, ``unisrec-backbone-*``) and on the
   experiments whose runs hold their weights, through the role ``unisrec-tenants``. Nothing on
@@ -22,8 +24,9 @@ Who may do what (MLflow grants per registered model and per experiment; nothing 
 The admin creates a tenant's model and experiment, tagged ``unisrec.tenant``, when it adds
 the tenant, so nobody can take the name first; grants another user made for itself on them
 (by creating them first) are revoked, and a model tagged for someone else is refused. Roles
-hold READ on the resources that exist when they are synced: ``add``, ``add-reader`` and
-``sync`` sync them (a new backbone, or a tenant's new ``.variant`` model, needs a ``sync``).
+hold READ on the resources that exist when they are synced: ``add``, ``add-variant``,
+``add-reader`` and ``sync`` sync them (a new backbone needs a ``sync``). A tenant's second
+adaptor model, ``unisrec-adaptor-T.<variant>``, is made by the admin too (``add-variant``).
 """
 
 from __future__ import annotations
@@ -185,15 +188,10 @@ def add_tenant(admin: Admin, name: str, password: str) -> dict:
     (EDIT); give it the role that reads the backbones; sync the roles."""
     T.validate_tenant_name(name)
     model = T.adaptor_model_name(name)
-    found_model = _tenant_model(admin, name)  # checked first: a refusal changes nothing
+    found_model = _tenant_model(admin, name, model)  # checked first: a refusal changes nothing
     found_experiment = _tenant_experiment(admin, name)
     user = _ensure_user(admin, name, password)
-    if found_model is None:
-        admin.client.create_registered_model(
-            model,
-            tags={T.TENANT: name, T.KIND: "adaptor"},
-            description=f"tenant {name}'s adaptor (created by `unisrec tenants add`)",
-        )
+    revoked = _give_model(admin, name, model, found_model)
     experiment_name = T.finetune_experiment_name(name)
     if found_experiment is None:
         experiment_id = admin.client.create_experiment(experiment_name, tags={T.TENANT: name})
@@ -202,19 +200,47 @@ def add_tenant(admin: Admin, name: str, password: str) -> dict:
         if found_experiment.lifecycle_stage == "deleted":
             admin.client.restore_experiment(experiment_id)
         admin.client.set_experiment_tag(experiment_id, T.TENANT, name)
-    revoked = []
-    for resource_type, resource_id in (
-        (access.REGISTERED_MODEL, model),
-        (access.EXPERIMENT, experiment_id),
-    ):
-        revoked += _revoke_others(admin, name, resource_type, resource_id)
-        _grant(admin, name, resource_type, resource_id, "EDIT")
+    revoked += _revoke_others(admin, name, access.EXPERIMENT, experiment_id)
+    _grant(admin, name, access.EXPERIMENT, experiment_id, "EDIT")
     _assign(admin, name, TENANTS_ROLE)
     return {
         "tenant": name,
         "user": user,
         "model": f"{model} ({'created' if found_model is None else 'exists'})",
         "experiment": f"{experiment_name} ({'created' if found_experiment is None else 'exists'})",
+        "revoked": revoked,
+        **sync(admin),
+    }
+
+
+def add_variant(admin: Admin, tenant: str, variant: str) -> dict:
+    """Create tenant ``tenant``'s registered model ``unisrec-adaptor-<tenant>.<variant>`` if
+    missing (a second adaptor of the tenant: another mode or domain) with EDIT for the tenant
+    only, as ``add_tenant`` does for its first model; sync the roles (readers may read it).
+    A tenant cannot create it itself: the server hides from it every model nobody granted it,
+    so the fine-tune cannot tell a free name from another user's."""
+    from mlflow.exceptions import MlflowException
+
+    if not T.TENANT_PATTERN.fullmatch(variant):
+        raise ConfigError(
+            f"tenants add-variant: {variant!r} is not a valid variant "
+            "(1-63 of a-z, 0-9, '_', '-', starting with a letter or digit)"
+        )
+    model = f"{T.adaptor_model_name(tenant)}.{variant}"
+    found = _tenant_model(admin, tenant, model)
+    try:
+        admin.auth.get_user(tenant)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise ConfigError(
+            f"tenants add-variant: there is no user {tenant!r}; add the tenant first "
+            f"(`unisrec tenants add {tenant} --password-file F`)"
+        ) from None
+    revoked = _give_model(admin, tenant, model, found)
+    return {
+        "tenant": tenant,
+        "model": f"{model} ({'created' if found is None else 'exists'})",
         "revoked": revoked,
         **sync(admin),
     }
@@ -342,12 +368,12 @@ def _ensure_user(admin: Admin, name: str, password: str) -> str:
     return "password set"
 
 
-def _tenant_model(admin: Admin, tenant: str):
-    """The tenant's registered model if it exists (None if not); ConfigError if it is tagged
-    for someone else or for nobody (then it was not made by this platform for the tenant)."""
+def _tenant_model(admin: Admin, tenant: str, name: str):
+    """The tenant's registered model ``name`` if it exists (None if not); ConfigError if it is
+    tagged for someone else or for nobody (then it was not made by this platform for the
+    tenant)."""
     from mlflow.exceptions import MlflowException
 
-    name = T.adaptor_model_name(tenant)
     try:
         model = admin.client.get_registered_model(name)
     except MlflowException as err:
@@ -357,11 +383,25 @@ def _tenant_model(admin: Admin, tenant: str):
     owner = model.tags.get(T.TENANT)
     if owner != tenant:
         raise ConfigError(
-            f"tenants add {tenant}: registered model {name!r} already exists and is tagged for "
+            f"tenants: registered model {name!r} already exists and is tagged for "
             f"{'tenant ' + repr(owner) if owner else 'no tenant'}; inspect it and delete it "
-            "(as the admin) before adding the tenant"
+            f"(as the admin) before giving it to tenant {tenant!r}"
         )
     return model
+
+
+def _give_model(admin: Admin, tenant: str, name: str, found) -> list[str]:
+    """Create registered model ``name`` for ``tenant`` unless ``found``; revoke every other
+    non-admin user's own grant on it; grant the tenant EDIT. Returns the revoked grants."""
+    if found is None:
+        admin.client.create_registered_model(
+            name,
+            tags={T.TENANT: tenant, T.KIND: "adaptor"},
+            description=f"tenant {tenant}'s adaptor (created by `unisrec tenants`)",
+        )
+    revoked = _revoke_others(admin, tenant, access.REGISTERED_MODEL, name)
+    _grant(admin, tenant, access.REGISTERED_MODEL, name, "EDIT")
+    return revoked
 
 
 def _tenant_experiment(admin: Admin, tenant: str):

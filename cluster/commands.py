@@ -149,6 +149,17 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("name", metavar="NAME", help="the tenant (a-z, 0-9, '_', '-')")
     s.set_defaults(func=cmd_tenants_add)
     s = tenants_sub.add_parser(
+        "add-variant",
+        help="a tenant's second adaptor model, unisrec-adaptor-NAME.VARIANT",
+        description="Creates registered model unisrec-adaptor-NAME.VARIANT (tagged "
+        "unisrec.tenant=NAME) with EDIT for tenant NAME, revokes other users' own grants on it "
+        "and syncs the roles; a fine-tune with mlflow.registered_model=unisrec-adaptor-NAME."
+        "VARIANT then registers there. Tenants cannot create models on a server with users.",
+    )
+    s.add_argument("name", metavar="NAME", help="the tenant (added before)")
+    s.add_argument("variant", metavar="VARIANT", help="a-z, 0-9, '_', '-'")
+    s.set_defaults(func=cmd_tenants_add_variant)
+    s = tenants_sub.add_parser(
         "add-reader",
         help="a read-only user for serving: READ on every tenant's adaptors and the backbones",
         description="Creates user NAME with the password in FILE (or sets it) and gives it READ "
@@ -274,6 +285,13 @@ def cmd_tenants_add(args: argparse.Namespace) -> int:
 
     password = read_password_file(args.password_file)
     print(json.dumps(add_tenant(connect(args.tracking_uri), args.name, password), indent=2))
+    return 0
+
+
+def cmd_tenants_add_variant(args: argparse.Namespace) -> int:
+    from cluster.accounts import add_variant, connect
+
+    print(json.dumps(add_variant(connect(args.tracking_uri), args.name, args.variant), indent=2))
     return 0
 
 

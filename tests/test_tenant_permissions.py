@@ -382,6 +382,50 @@ def test_a_tenant_finetunes_and_promotes_its_own_adaptor(platform):
         assert experiment.name == T.finetune_experiment_name("acme")
 
 
+def test_a_tenants_second_model_is_made_by_the_admin_and_edited_by_the_tenant_alone(
+    platform, tmp_path
+):
+    url = platform["url"]
+    variant = f"{ACME_MODEL}.full"
+    config = tmp_path / "acme-full.yaml"
+    settings = finetune_config(platform, "acme", registered_model=variant)
+    config.write_text(json.dumps({**settings, "output_root": str(tmp_path / "runs")}))
+    # The tenant cannot make it: the server hides from it a model nobody granted it.
+    before = admin_view(url)
+    line = one_error_line(unisrec(["finetune", str(config), "-q"], "acme", url))
+    assert line == (
+        f"error: user 'acme' lacks EDIT on registered model '{variant}' "
+        "(the admin creates it: unisrec tenants add-variant acme full)"
+    )
+    assert admin_view(url) == before
+    # Another tenant takes the name first (MLflow lets it); the admin takes it back.
+    with as_user("globex"):
+        MlflowClient(url, registry_uri=url).create_registered_model(
+            variant, tags={T.TENANT: "acme"}
+        )
+    result = unisrec(["tenants", "add-variant", "acme", "full"], "admin", url)
+    assert result.returncode == 0, result.stderr[-3000:]
+    added = json.loads(result.stdout)
+    assert added["model"] == f"{variant} (exists)" and added["revoked"] == ["globex:MANAGE"]
+    assert variant in added["adaptors"]
+
+    result = unisrec(["finetune", str(config), "-q"], "acme", url)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with as_user("admin"):
+        client = MlflowClient(url, registry_uri=url)
+        assert [v.version for v in client.search_model_versions(f"name='{variant}'")] == ["1"]
+    with as_user("globex"):
+        client = MlflowClient(url, registry_uri=url)
+        assert refused(lambda: client.get_registered_model(variant)) == "PERMISSION_DENIED"
+    with as_user("serving"):
+        assert MlflowClient(url, registry_uri=url).get_registered_model(variant).name == variant
+
+    line = one_error_line(unisrec(["tenants", "add-variant", "nobody", "full"], "admin", url))
+    assert line.startswith("error: tenants add-variant: there is no user 'nobody'"), line
+    line = one_error_line(unisrec(["tenants", "add-variant", "acme", "Full!"], "admin", url))
+    assert "'Full!' is not a valid variant" in line, line
+
+
 # --- the read-only serving user --------------------------------------------------------------
 
 
@@ -494,7 +538,6 @@ def test_the_endpoint_serves_with_the_read_only_user(platform):
     from ray import serve
 
     from serving.endpoint import EndpointConfig, start
-
     from unisrec.runtime import ensure_ray
 
     history = ["acme-i0004", "acme-i0005"]
