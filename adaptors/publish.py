@@ -50,11 +50,9 @@ def claim_model_name(name: str, tenant: str) -> None:
 
     from unisrec import access
 
-    own = T.adaptor_model_name(tenant)
+    variant = T.model_variant(name, tenant)
     hint = (
-        f"the admin creates it: unisrec tenants add-variant {tenant} {name[len(own) + 1 :]}"
-        if name.startswith(own + ".")
-        else ""
+        f"the admin creates it: unisrec tenants add-variant {tenant} {variant}" if variant else ""
     )
     try:
         with access.needs("EDIT", access.REGISTERED_MODEL, name, hint):

@@ -221,12 +221,7 @@ def add_variant(admin: Admin, tenant: str, variant: str) -> dict:
     so the fine-tune cannot tell a free name from another user's."""
     from mlflow.exceptions import MlflowException
 
-    if not T.TENANT_PATTERN.fullmatch(variant):
-        raise ConfigError(
-            f"tenants add-variant: {variant!r} is not a valid variant "
-            "(1-63 of a-z, 0-9, '_', '-', starting with a letter or digit)"
-        )
-    model = f"{T.adaptor_model_name(tenant)}.{variant}"
+    model = T.variant_model_name(tenant, variant)
     found = _tenant_model(admin, tenant, model)
     try:
         admin.auth.get_user(tenant)

@@ -82,6 +82,23 @@ def is_backbone_model(name: str) -> bool:
     return name == BACKBONE_MODEL or name.startswith(BACKBONE_MODEL + "-")
 
 
+def model_variant(name: str, tenant: str) -> str | None:
+    """The ``VARIANT`` of ``unisrec-adaptor-<tenant>.VARIANT`` (None for any other name)."""
+    own = adaptor_model_name(tenant)
+    return name[len(own) + 1 :] if name.startswith(f"{own}.") else None
+
+
+def variant_model_name(tenant: str, variant: str) -> str:
+    """``unisrec-adaptor-<tenant>.<variant>``; ConfigError unless ``variant`` is 1-63 of a-z,
+    0-9, '_', '-' (the tenant names' pattern)."""
+    if not TENANT_PATTERN.fullmatch(variant):
+        raise ConfigError(
+            f"variant: {variant!r} is not a valid variant "
+            "(1-63 of a-z, 0-9, '_', '-', starting with a letter or digit)"
+        )
+    return f"{adaptor_model_name(tenant)}.{variant}"
+
+
 def validate_model_name(name: str, tenant: str) -> str:
     """Return ``name`` if ``tenant`` may register it, else raise ConfigError.
 
@@ -91,7 +108,7 @@ def validate_model_name(name: str, tenant: str) -> str:
     reserved.
     """
     own = adaptor_model_name(tenant)
-    variant = name[len(own) + 1 :] if name.startswith(f"{own}.") else None
+    variant = model_variant(name, tenant)
     if name != own and not (variant and TENANT_PATTERN.fullmatch(variant)):
         raise ConfigError(
             f"mlflow.registered_model: {name!r} is not a name tenant {tenant!r} may register; "
