@@ -1,10 +1,14 @@
 """UniSRec's two contrastive pretraining losses, with negatives shared across ranks.
 
 * sequence-item (L_si): a sequence prefix should score its next item above every other
-  distinct target of the global batch, except the items of its own window;
+  distinct target of the global batch, except the items of its own user (any of the
+  user's windows in the global batch: its history and its future are not contrasts);
 * sequence-sequence (L_ss): the same query prefix should score its own augmented view
   above the augmented views of all other query prefixes of the global batch (the other
-  prefixes of its own window are left out: they share its items).
+  prefixes of its own user are left out: they share its items).
+
+A user's windows overlap (``shards.window_stride``) and length buckets put windows of similar
+length, often one user's siblings, into one batch: the mask is by user, not by window.
 
 Both use cosine similarity over a temperature. ``loss = L_si + lam * L_ss``, each term a
 mean over all query prefixes of the whole global batch, so 1 worker and N workers on the same global batch give
@@ -31,6 +35,7 @@ def seq_item_loss(
     key_ids: torch.Tensor,
     temperature: float,
     gather: Gather,
+    users: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Cross-entropy of each query's target among all ranks' distinct batch targets.
 
@@ -38,14 +43,18 @@ def seq_item_loss(
     ``(Q,)`` long, the row of ``windows`` each query comes from; windows: ``(B, T)`` long,
     this rank's windows (item ids, 0 = padding). keys: ``(K, H)`` item vectors of this
     rank's distinct targets, key_ids: ``(K,)`` long, no duplicates, holding every target.
+    users: ``(B,)`` long, the user of each window, a key unique across ranks and domains
+    (default: every window its own user).
 
     The candidates are the global batch's distinct targets (as in the official code, whose
     candidates are the batch's positive items): keys are gathered from every rank, an item
     held by several ranks counts once, so another copy of the positive is never a negative.
-    An item of the query's own window other than its target is not a negative either: it
-    is the user's own history or future, not a contrast. Returns (sum of the Q
-    cross-entropies, scalar with grad; Q).
+    An item of any window of the query's user, on any rank, other than its target is not a
+    negative either: it is the user's own history or future, not a contrast. Returns (sum of
+    the Q cross-entropies, scalar with grad; Q).
     """
+    if users is None:
+        users = own_window_users(windows.shape[0], gather, windows.device)
     q = F.normalize(queries, dim=-1)
     all_keys, valid = gather.all_gather_ragged(F.normalize(keys, dim=-1))
     all_ids, _ = gather.all_gather_ragged(key_ids)
@@ -55,47 +64,62 @@ def seq_item_loss(
     is_target = (targets.unsqueeze(1) == all_ids.unsqueeze(0)) & candidate  # (Q, K_all)
     if not bool(is_target.any(dim=1).all()):
         raise ValueError("every target item must be among this rank's key_ids")
-    in_window = _window_holds(windows, all_ids)[query_rows]  # (Q, K_all)
-    allowed = candidate & (is_target | ~in_window)
+    users_own = _users_hold(windows, users, all_ids, gather)[query_rows]  # (Q, K_all)
+    allowed = candidate & (is_target | ~users_own)
     logits = (q @ all_keys.T / temperature).masked_fill(~allowed, float("-inf"))
     # No keys anywhere (an all-filler batch on one process): no queries either.
     labels = is_target.int().argmax(dim=1) if is_target.numel() else targets.new_zeros(0)
     return F.cross_entropy(logits, labels, reduction="sum"), int(q.shape[0])
 
 
-def _window_holds(windows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """windows: ``(B, T)`` long (0 = padding), ids: ``(K,)`` long -> ``(B, K)`` bool,
-    True where row b holds item ids[k]. Memory ``B x (B*T + K)``, not ``B x T x K``."""
-    uniq, inverse = torch.unique(torch.cat([windows.reshape(-1), ids]), return_inverse=True)
-    cells = windows.numel()
-    holds = torch.zeros(windows.shape[0], uniq.shape[0], dtype=torch.bool, device=ids.device)
-    holds.scatter_(1, inverse[:cells].view(windows.shape), True)
-    holds[:, uniq == 0] = False  # padding is not an item
-    return holds[:, inverse[cells:]]
+def own_window_users(rows: int, gather: Gather, device: torch.device | None = None) -> torch.Tensor:
+    """``(rows,)`` long user keys that make every window of every rank its own user (for
+    batches that carry no ``user``): ``rank * rows + row``."""
+    return gather.rank * rows + torch.arange(rows, device=device)
+
+
+def _users_hold(
+    windows: torch.Tensor, users: torch.Tensor, ids: torch.Tensor, gather: Gather
+) -> torch.Tensor:
+    """windows: ``(B, T)`` long (0 = padding), users: ``(B,)`` long, ids: ``(K,)`` long ->
+    ``(B, K)`` bool, True where some window of row b's user, on any rank, holds ids[k].
+
+    Every rank's ``(user, item)`` cells are gathered (P of them, no autograd needed); memory
+    ``U x (P + K)`` for the U distinct users, not ``B x T x K``.
+    """
+    rows, cols = windows.nonzero(as_tuple=True)
+    cells, valid = gather.all_gather_ragged(torch.stack([users[rows], windows[rows, cols]], 1))
+    cells = cells[valid]  # (P, 2): user, item
+    n = cells.shape[0]
+    user_uniq, user_at = torch.unique(torch.cat([cells[:, 0], users]), return_inverse=True)
+    item_uniq, item_at = torch.unique(torch.cat([cells[:, 1], ids]), return_inverse=True)
+    holds = torch.zeros(user_uniq.shape[0], item_uniq.shape[0], dtype=torch.bool, device=ids.device)
+    holds[user_at[:n], item_at[:n]] = True
+    return holds[user_at[n:]][:, item_at[n:]]
 
 
 def seq_seq_loss(
     seq: torch.Tensor,
     aug: torch.Tensor,
-    window: torch.Tensor,
+    user: torch.Tensor,
     temperature: float,
     gather: Gather,
 ) -> tuple[torch.Tensor, int]:
     """InfoNCE of each query prefix against all ranks' augmented prefix views.
 
     seq, aug: ``(Q, H)``, query prefix i and its augmented view (Q may differ per rank);
-    window: ``(Q,)`` long, a global-batch-wide id of the window each prefix comes from. Query
-    i's positive is its own view; every other rank's and window's view is a negative; the
-    other prefixes of its own window are not keys. Returns (sum of the Q cross-entropies,
-    scalar with grad; Q).
+    user: ``(Q,)`` long, the user each prefix comes from, a key unique across ranks and
+    domains. Query i's positive is its own view; every other user's view is a negative; the
+    other prefixes of its own user (of any of its windows, on any rank) are not keys.
+    Returns (sum of the Q cross-entropies, scalar with grad; Q).
     """
     q = F.normalize(seq, dim=-1)
     all_aug, valid = gather.all_gather_ragged(F.normalize(aug, dim=-1))  # (world * Q_max, H)
-    all_window, _ = gather.all_gather_ragged(window)
+    all_user, _ = gather.all_gather_ragged(user)
     q_max = all_aug.shape[0] // gather.world_size
     own = gather.rank * q_max + torch.arange(q.shape[0], device=q.device)  # (Q,)
     keys = torch.arange(all_aug.shape[0], device=q.device)
-    sibling = (window.unsqueeze(1) == all_window.unsqueeze(0)) & (own.unsqueeze(1) != keys)
+    sibling = (user.unsqueeze(1) == all_user.unsqueeze(0)) & (own.unsqueeze(1) != keys)
     logits = (q @ all_aug.T / temperature).masked_fill(sibling | ~valid, float("-inf"))
     return F.cross_entropy(logits, own, reduction="sum"), int(q.shape[0])
 
@@ -177,13 +201,18 @@ def pretrain_loss(
     parameters in the module hooks). batch: ``items`` ``(B, T)`` long global item indexes
     right-padded with 0 (T may be ``max_seq_len + 1``: the last column is only ever a
     target), ``lengths`` ``(B,)`` long (0 for filler rows), ``first_query`` ``(B,)`` long
-    (optional; see :func:`next_item_targets`), ``sample_id`` ``(B,)`` long.
+    (optional; see :func:`next_item_targets`), ``sample_id`` ``(B,)`` long, ``user`` ``(B,)``
+    long (optional; the user key of :func:`sharding.stream.pad_batch`; without it every
+    window is its own user).
     text_table, worddrop_table: ``(N+1, D)`` float32 text vectors of each item's text and of
     its word-dropped text. B must be equal on every rank. See :func:`global_mean_loss` for
     the returned dict.
     """
     items, inputs, targets, query_mask = next_item_targets(batch)
     input_lengths = (batch["lengths"] - 1).clamp(min=0)
+    users = batch.get("user")
+    if users is None:
+        users = own_window_users(items.shape[0], gather, items.device)
 
     # The adaptor runs once per distinct item; its outputs are inputs, targets the candidates.
     encoded = model(items, text_table, last_is_target=True)
@@ -203,6 +232,7 @@ def pretrain_loss(
             encoded.item_ids[is_key],
             loss.temperature,
             gather,
+            users,
         )
 
     if loss.seq_seq:
@@ -220,7 +250,7 @@ def pretrain_loss(
         ss_sum, ss_count = seq_seq_loss(
             outputs[rows, cols],
             aug_outputs[rows, view_at[rows, cols]],
-            gather.rank * items.shape[0] + rows,
+            users[rows],
             loss.temperature,
             gather,
         )

@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from pretrain.augment import augment
 from pretrain.config import LossConfig
 from pretrain.gather import Gather
-from pretrain.losses import global_mean_loss, next_item_targets, seq_item_loss, seq_seq_loss
+from pretrain.losses import (
+    global_mean_loss,
+    next_item_targets,
+    own_window_users,
+    seq_item_loss,
+    seq_seq_loss,
+)
 from pretrain.model import SequenceRecommender
 
 
@@ -33,6 +39,9 @@ def naive_pretrain_loss(
     """Same arguments and result as :func:`pretrain.losses.pretrain_loss`."""
     max_len = model.cfg.max_seq_len
     items, inputs, targets, query_mask = next_item_targets(batch)
+    users = batch.get("user")
+    if users is None:
+        users = own_window_users(items.shape[0], gather, items.device)
     if inputs.shape[1] > max_len:
         raise ValueError(f"{inputs.shape[1]} input positions exceed max_seq_len {max_len}")
 
@@ -48,7 +57,7 @@ def naive_pretrain_loss(
     key_ids = torch.unique(targets[query_mask])
     keys = model.item_vectors(text_table[key_ids], key_ids)
     si_sum, si_count = seq_item_loss(
-        queries, targets[query_mask], rows, items, keys, key_ids, loss.temperature, gather
+        queries, targets[query_mask], rows, items, keys, key_ids, loss.temperature, gather, users
     )
 
     # Each query prefix augmented on its own (the decisions follow sample id and position).
@@ -65,7 +74,7 @@ def naive_pretrain_loss(
     ss_sum, ss_count = seq_seq_loss(
         queries,
         SequenceRecommender.last(aug_outputs, aug_lengths),
-        gather.rank * items.shape[0] + rows,
+        users[rows],
         loss.temperature,
         gather,
     )

@@ -16,6 +16,8 @@ filler)::
     first_query (B,)  int64   input positions >= this are queries (0 for filler)
     sample_id  (B,)   int64   stable id of the sample (-1 for filler)
     domain_id  (B,)   int64   domain of the sample (-1 for filler)
+    user       (B,)   int64   the sample's user, unique across domains: domain_id * 2**32 +
+                              the domain's user index (-1 for filler); the losses mask by it
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def pad_batch(rows: list[dict], batch_size: int) -> dict[str, torch.Tensor]:
     first_query = torch.zeros(batch_size, dtype=torch.long)
     sample_id = torch.full((batch_size,), -1, dtype=torch.long)
     domain_id = torch.full((batch_size,), -1, dtype=torch.long)
+    user = torch.full((batch_size,), -1, dtype=torch.long)
     for i, row in enumerate(rows):
         seq = row["items"]
         items[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
@@ -58,13 +61,20 @@ def pad_batch(rows: list[dict], batch_size: int) -> dict[str, torch.Tensor]:
         first_query[i] = row["first_query"]
         sample_id[i] = row["sample_id"]
         domain_id[i] = row["domain_id"]
+        user[i] = user_key(row["domain_id"], row["user"])
     return {
         "items": items,
         "lengths": lengths,
         "first_query": first_query,
         "sample_id": sample_id,
         "domain_id": domain_id,
+        "user": user,
     }
+
+
+def user_key(domain_id: int, user: int) -> int:
+    """One int64 per (domain, user index): users of different domains never collide."""
+    return domain_id * 2**32 + user
 
 
 def length_bucketed(
@@ -130,6 +140,9 @@ class _RankShards(torch.utils.data.IterableDataset):
             yield pad_batch(rows, self.batch_size)
 
 
+_REQUIRED_FIELDS = ("items", "first_query", "sample_id", "domain_id", "user")
+
+
 def _read_shards(shards: list[ShardSpec]) -> Iterator[dict]:
     """Decoded samples of ``shards`` in order; a short or unreadable shard is a DataError."""
     for spec in shards:
@@ -140,13 +153,13 @@ def _read_shards(shards: list[ShardSpec]) -> Iterator[dict]:
                 if spec.domains and sample["domain"] not in spec.domains:
                     continue
                 count += 1
-                sample = json.loads(raw["json"])
-                if "first_query" not in sample:
-                    raise DataError(
-                        f"sample {raw['__key__']!r} has no first_query (a version 1 shard)",
-                        file=spec.url,
-                        field="first_query",
-                    )
+                for field in _REQUIRED_FIELDS:
+                    if field not in sample:
+                        raise DataError(
+                            f"sample {raw['__key__']!r} has no {field} (a version 1 shard?)",
+                            file=spec.url,
+                            field=field,
+                        )
                 yield sample
         except DataError:
             raise

@@ -7,7 +7,8 @@ The global batch, split by rows between two ranks (``.`` = padding):
              [7 8 . . . .]             [. . . . . .]    <- filler row
 
 Rank 0 holds 8 distinct items, rank 1 holds 6 (a ragged gather); item 2 is on both ranks and
-must be one candidate, not two. After DeepSpeed-style gradient averaging, loss and every
+must be one candidate, not two. The first row of each rank belongs to one user (sibling
+windows): its items are not negatives for the other rank's row either. After DeepSpeed-style gradient averaging, loss and every
 gradient must equal the single-process ones.
 """
 
@@ -28,6 +29,7 @@ from pretrain.losses import pretrain_loss
 from pretrain.model import BackboneConfig, UniSRec
 
 ROWS = [[1, 2, 3, 4], [5, 2, 6], [7, 8], [9, 10, 2, 11, 12], [13, 9], []]
+USERS = [0, 1, 2, 0, 3, -1]
 WORLD = 2
 TEXT_DIM = 8
 NUM_ITEMS = 13
@@ -61,6 +63,7 @@ def batch_of(rows: slice) -> dict[str, torch.Tensor]:
         "items": torch.tensor([r + [0] * (6 - len(r)) for r in picked]),
         "lengths": torch.tensor([len(r) for r in picked]),
         "sample_id": torch.arange(len(ROWS))[rows],
+        "user": torch.tensor(USERS)[rows],
     }
 
 

@@ -228,6 +228,54 @@ def test_seq_seq_loss_treats_every_query_prefix_as_if_augmented_on_its_own(
     assert out["seq_seq"] == pytest.approx(expected / len(queries), rel=1e-5)
 
 
+def test_a_users_sibling_windows_are_not_each_others_negatives(model, tables):
+    """Per-pair reference with one user's two overlapping windows in the batch (rows 0 and
+    1, as length buckets group them): for a query of that user, no item of either window but
+    its target is a sequence-item candidate, and no prefix of either window is a
+    sequence-sequence key but its own view. Row 2 is another user."""
+    table, dropped = tables
+    rows = [[3, 5, 7, 2, 9], [7, 2, 9, 4, 6], [8, 4, 1, 11]]
+    first_query = [0, 3, 0]  # row 1 is the later window: its first three inputs are history
+    users = [40, 40, 41]
+    batch = make_batch(rows, [30, 31, 32])
+    batch["first_query"] = torch.tensor(first_query)
+    batch["user"] = torch.tensor(users)
+    tau = 0.1
+    cfg = LossConfig(lam=1.0, temperature=tau, item_drop_batch_prob=0.0)  # word drop
+    out = pretrain_loss(model, batch, table, dropped, cfg, step=2, seed=7, gather=SINGLE)
+
+    pairs = [(r, t) for r, row in enumerate(rows) for t in range(first_query[r], len(row) - 1)]
+    batch_targets = sorted({rows[r][t + 1] for r, t in pairs})
+    _, _, use_worddrop, _ = augment(
+        batch["items"][:, :-1], torch.tensor([len(r) - 1 for r in rows]), batch["sample_id"],
+        step=2, seed=7, item_drop_prob=0.0,
+    )  # fmt: skip
+    with torch.no_grad():
+        vectors = {
+            i: model.item_vectors(table[[i]], torch.tensor([i]))[0].tolist() for i in batch_targets
+        }
+        queries, views = [], []
+        for r, t in pairs:
+            prefix = torch.tensor([rows[r][: t + 1]])
+            queries.append(model(prefix, table).outputs[0, -1].tolist())
+            mask = use_worddrop[r : r + 1, : t + 1]
+            views.append(model(prefix, table, dropped, mask).outputs[0, -1].tolist())
+    seq_item = seq_seq = 0.0
+    for i, (r, t) in enumerate(pairs):
+        target = rows[r][t + 1]
+        own_items = {x for u, row in zip(users, rows, strict=True) if u == users[r] for x in row}
+        candidates = [x for x in batch_targets if x == target or x not in own_items]
+        logits = [cosine(queries[i], vectors[x]) / tau for x in candidates]
+        seq_item += cross_entropy(logits, candidates.index(target))
+        keys = [j for j, (s, _) in enumerate(pairs) if j == i or users[s] != users[r]]
+        logits = [cosine(queries[i], views[j]) / tau for j in keys]
+        seq_seq += cross_entropy(logits, keys.index(i))
+
+    assert out["queries"] == len(pairs) == 4 + 1 + 3
+    assert out["seq_item"] == pytest.approx(seq_item / len(pairs), rel=1e-5)
+    assert out["seq_seq"] == pytest.approx(seq_seq / len(pairs), rel=1e-5)
+
+
 # ---- ablation switches: loss.seq_item / loss.seq_seq ------------------------------------
 
 

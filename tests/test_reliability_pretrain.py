@@ -48,7 +48,8 @@ def _build() -> tuple[UniSRec, torch.Tensor, torch.Tensor]:
 
 def _real_batch() -> dict[str, torch.Tensor]:
     rows = [
-        {"items": r, "sample_id": i, "domain_id": 0, "first_query": 0} for i, r in enumerate(ROWS)
+        {"items": r, "sample_id": i, "domain_id": 0, "user": i, "first_query": 0}
+        for i, r in enumerate(ROWS)
     ]
     return pad_batch(rows, len(ROWS))
 

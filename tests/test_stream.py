@@ -66,11 +66,12 @@ def test_batches_are_padded_to_fixed_rows_and_hold_the_written_items(tmp_path):
         for row in range(8):
             n = int(batch["lengths"][row])
             if n == 0:
-                assert batch["sample_id"][row] == -1
+                assert batch["sample_id"][row] == batch["user"][row] == -1
                 continue
             sample = by_id[int(batch["sample_id"][row])]
             assert batch["items"][row, :n].tolist() == sample.items
             assert batch["first_query"][row] == sample.first_query
+            assert batch["user"][row] == sample.domain_id * 2**32 + sample.user
             assert torch.all(batch["items"][row, n:] == 0)
 
 
