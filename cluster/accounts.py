@@ -14,16 +14,19 @@ Who may do what (MLflow grants per registered model and per experiment; nothing 
 * tenant ``T``: EDIT on its registered model ``unisrec-adaptor-T`` (and on each
   ``unisrec-adaptor-T.<variant>`` the admin adds) and on its experiment
   ``unisrec-finetune-T`` (fine-tune, register versions, move aliases, set tags; not delete).
-  READ on every backbone (``unisrec-backbone``, ``unisrec-backbone-*``) and on the
-  experiments whose runs hold their weights, through the role ``unisrec-tenants``. Nothing on
-  other tenants' models or runs.
+  READ on every backbone (``unisrec-backbone``, ``unisrec-backbone-*`` on which an admin or
+  a pretraining user, role ``unisrec-pretrainers``, holds MANAGE and nobody else a grant)
+  and on the experiments whose runs hold their weights, through the role
+  ``unisrec-tenants``. Nothing on other tenants' models or runs.
 * reader (``add-reader``): READ on every tenant's adaptor models and fine-tune experiments
   and on the backbones, through the role ``unisrec-readers``: what ``unisrec serve`` needs.
 * the admin: everything. Anyone else, and any call without a user: nothing (HTTP 401).
 
 The admin creates a tenant's model and experiment, tagged ``unisrec.tenant``, when it adds
-the tenant, so nobody can take the name first; grants another user made for itself on them
-(by creating them first) are revoked, and a model tagged for someone else is refused. Roles
+the tenant, so nobody can take the name first; an empty one another user created first is
+taken back (that user's grants revoked), and one tagged for someone else, or holding
+versions, aliases or runs the tenant was not given, is refused. A tenant's own grant is
+made (or changed in place) before other users' are revoked. Roles
 hold READ on the resources that exist when they are synced: ``add``, ``add-variant``,
 ``add-reader`` and ``sync`` sync them (a new backbone needs a ``sync``). A tenant's second
 adaptor model, ``unisrec-adaptor-T.<variant>``, is made by the admin too (``add-variant``).
@@ -40,10 +43,13 @@ from unisrec.errors import ConfigError
 
 TENANTS_ROLE = "unisrec-tenants"  # READ on the backbones
 READERS_ROLE = "unisrec-readers"  # READ on the backbones and every tenant's models and runs
+PRETRAINERS_ROLE = "unisrec-pretrainers"  # no grants: marks who may register backbones
 ROLES = {
     TENANTS_ROLE: "unisrec tenants: READ on every backbone and the runs holding its weights",
     READERS_ROLE: "unisrec readers: READ on every backbone, tenant adaptor and fine-tune run",
+    PRETRAINERS_ROLE: "unisrec pretraining users: the backbones they create are granted to all",
 }
+PAGE_SIZE = 1000  # results per search call; every search reads all pages
 # Roles belong to a workspace; a server without workspaces has the one called "default".
 WORKSPACE = "default"
 
@@ -97,6 +103,15 @@ class UserApi:
             username=username,
             resource_type=resource_type,
             resource_id=resource_id,
+        )
+
+    def update_grant(self, grant_id: int, permission: str) -> None:
+        """Change one grant (a row of a role, the user's own included) in place."""
+        self.call(
+            "PATCH",
+            "/api/3.0/mlflow/roles/permissions/update",
+            role_permission_id=grant_id,
+            permission=permission,
         )
 
     def roles(self, workspace: str) -> list[dict]:
@@ -185,10 +200,14 @@ def read_password_file(path: str | Path) -> str:
 def add_tenant(admin: Admin, name: str, password: str) -> dict:
     """Create (or reset the password of) tenant ``name``'s user; create its registered model
     and experiment if missing; make the tenant the only non-admin user with grants on them
-    (EDIT); give it the role that reads the backbones; sync the roles."""
+    (EDIT); give it the role that reads the backbones; sync the roles.
+
+    A model or experiment another user made first is taken back only while it is empty: one
+    that holds versions, aliases or runs is refused (ConfigError), since the tenant would
+    otherwise be served what that user put there."""
     T.validate_tenant_name(name)
     model = T.adaptor_model_name(name)
-    found_model = _tenant_model(admin, name, model)  # checked first: a refusal changes nothing
+    found_model = _tenant_model(admin, name, model, "add")  # first: a refusal changes nothing
     found_experiment = _tenant_experiment(admin, name)
     user = _ensure_user(admin, name, password)
     revoked = _give_model(admin, name, model, found_model)
@@ -200,8 +219,8 @@ def add_tenant(admin: Admin, name: str, password: str) -> dict:
         if found_experiment.lifecycle_stage == "deleted":
             admin.client.restore_experiment(experiment_id)
         admin.client.set_experiment_tag(experiment_id, T.TENANT, name)
+    _grant(admin, name, access.EXPERIMENT, experiment_id, "EDIT")  # first: never left with less
     revoked += _revoke_others(admin, name, access.EXPERIMENT, experiment_id)
-    _grant(admin, name, access.EXPERIMENT, experiment_id, "EDIT")
     _assign(admin, name, TENANTS_ROLE)
     return {
         "tenant": name,
@@ -219,19 +238,14 @@ def add_variant(admin: Admin, tenant: str, variant: str) -> dict:
     only, as ``add_tenant`` does for its first model; sync the roles (readers may read it).
     A tenant cannot create it itself: the server hides from it every model nobody granted it,
     so the fine-tune cannot tell a free name from another user's."""
-    from mlflow.exceptions import MlflowException
-
     model = T.variant_model_name(tenant, variant)
-    found = _tenant_model(admin, tenant, model)
-    try:
-        admin.auth.get_user(tenant)
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        raise ConfigError(
-            f"tenants add-variant: there is no user {tenant!r}; add the tenant first "
-            f"(`unisrec tenants add {tenant} --password-file F`)"
-        ) from None
+    found = _tenant_model(admin, tenant, model, "add-variant")
+    _require_user(
+        admin,
+        tenant,
+        "tenants add-variant",
+        f"add the tenant first (`unisrec tenants add {tenant} --password-file F`)",
+    )
     revoked = _give_model(admin, tenant, model, found)
     return {
         "tenant": tenant,
@@ -250,18 +264,35 @@ def add_reader(admin: Admin, name: str, password: str) -> dict:
     return {"reader": name, "user": user, **sync(admin)}
 
 
-def sync(admin: Admin) -> dict:
-    """Give the roles READ on what exists now: ``unisrec-tenants`` on the backbones and the
-    experiments of their runs; ``unisrec-readers`` on those and on every adaptor model and
-    the experiments of its runs and every ``unisrec-finetune-*`` experiment."""
+def sync(admin: Admin, pretrain_users: list[str] | tuple[str, ...] = ()) -> dict:
+    """Give the roles READ on what exists now: ``unisrec-tenants`` on the platform's
+    backbones and the experiments of their runs; ``unisrec-readers`` on those and on every
+    adaptor model and the experiments of its runs and every ``unisrec-finetune-*`` experiment.
+
+    A backbone is the platform's when an admin or a pretraining user (role
+    ``unisrec-pretrainers``; ``pretrain_users`` are added to it first) holds MANAGE on it, as
+    its creator does, and no other user holds a grant of its own on it. Any user may create a
+    model named like a backbone: the others are listed under ``refused_backbones``, granted
+    to nobody."""
+    for user in pretrain_users:
+        _require_user(admin, user, "tenants sync --pretrain-users")
+        _assign(admin, user, PRETRAINERS_ROLE)
     models = _registered_models(admin)
-    backbones = sorted(m for m in models if T.is_backbone_model(m))
+    users = admin.auth.users()
+    backbones, refused = [], []
+    for name in sorted(m for m in models if T.is_backbone_model(m)):
+        why = _untrusted_backbone(users, name)
+        if why:
+            refused.append(f"{name} ({why})")
+        else:
+            backbones.append(name)
     adaptors = sorted(m for m in models if m.startswith(T.ADAPTOR_MODEL_PREFIX))
     backbone_runs = _run_experiments(admin, backbones)
     adaptor_runs = _run_experiments(admin, adaptors) | {
         e.experiment_id
-        for e in admin.client.search_experiments(
-            filter_string=f"name LIKE '{T.FINETUNE_EXPERIMENT_PREFIX}%'"
+        for e in _all_pages(
+            admin.client.search_experiments,
+            filter_string=f"name LIKE '{T.FINETUNE_EXPERIMENT_PREFIX}%'",
         )
     }
     backbone_grants = {(access.REGISTERED_MODEL, m) for m in backbones} | {
@@ -276,7 +307,12 @@ def sync(admin: Admin) -> dict:
         | {(access.REGISTERED_MODEL, m) for m in adaptors}
         | {(access.EXPERIMENT, e) for e in adaptor_runs},
     )
-    return {"backbones": backbones, "adaptors": adaptors, "role_grants_added": added}
+    return {
+        "backbones": backbones,
+        "refused_backbones": refused,
+        "adaptors": adaptors,
+        "role_grants_added": added,
+    }
 
 
 def user_rows(admin: Admin) -> list[dict[str, str]]:
@@ -306,6 +342,8 @@ def user_rows(admin: Admin) -> list[dict[str, str]]:
             if TENANTS_ROLE in role_names
             else "reader"
             if READERS_ROLE in role_names
+            else "pretrainer"
+            if PRETRAINERS_ROLE in role_names
             else "user"
         )
         if user["is_admin"]:
@@ -347,6 +385,20 @@ def _is_own_role(role: dict, user: dict) -> bool:
     return role["name"] == f"__user_{user['id']}__"
 
 
+def _require_user(admin: Admin, name: str, what: str, hint: str = "") -> None:
+    """ConfigError unless user ``name`` exists."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        admin.auth.get_user(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise ConfigError(
+            f"{what}: there is no user {name!r}{'; ' + hint if hint else ''}"
+        ) from None
+
+
 def _ensure_user(admin: Admin, name: str, password: str) -> str:
     from mlflow.exceptions import MlflowException
 
@@ -363,10 +415,11 @@ def _ensure_user(admin: Admin, name: str, password: str) -> str:
     return "password set"
 
 
-def _tenant_model(admin: Admin, tenant: str, name: str):
+def _tenant_model(admin: Admin, tenant: str, name: str, command: str):
     """The tenant's registered model ``name`` if it exists (None if not); ConfigError if it is
     tagged for someone else or for nobody (then it was not made by this platform for the
-    tenant)."""
+    tenant), or if it is not yet the tenant's and holds versions or aliases (another user
+    made it first and filled it: taking it would serve and grant that user's versions)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -382,6 +435,19 @@ def _tenant_model(admin: Admin, tenant: str, name: str):
             f"{'tenant ' + repr(owner) if owner else 'no tenant'}; inspect it and delete it "
             f"(as the admin) before giving it to tenant {tenant!r}"
         )
+    if _has_own_grant(admin.auth.users(), tenant, access.REGISTERED_MODEL, name):
+        return model  # given to the tenant before: what it holds is the tenant's
+    versions = len(_all_pages(admin.client.search_model_versions, filter_string=f"name='{name}'"))
+    aliases = sorted(model.aliases or {})
+    if versions or aliases:
+        held = [f"{versions} version{'s' if versions != 1 else ''}"]
+        held += [f"alias{'es' if len(aliases) > 1 else ''} {', '.join(aliases)}"] if aliases else []
+        raise ConfigError(
+            f"tenants {command} {tenant}: registered model {name!r} was made by another user"
+            f"{_holders_text(admin, access.REGISTERED_MODEL, name)} and holds "
+            f"{' and '.join(held)}; it is not taken over with them: delete it as the admin "
+            f"(MlflowClient().delete_registered_model({name!r})), then run this again"
+        )
     return model
 
 
@@ -394,14 +460,16 @@ def _give_model(admin: Admin, tenant: str, name: str, found) -> list[str]:
             tags={T.TENANT: tenant, T.KIND: "adaptor"},
             description=f"tenant {tenant}'s adaptor (created by `unisrec tenants`)",
         )
-    revoked = _revoke_others(admin, tenant, access.REGISTERED_MODEL, name)
-    _grant(admin, tenant, access.REGISTERED_MODEL, name, "EDIT")
-    return revoked
+    _grant(admin, tenant, access.REGISTERED_MODEL, name, "EDIT")  # first: never left with less
+    return _revoke_others(admin, tenant, access.REGISTERED_MODEL, name)
 
 
 def _tenant_experiment(admin: Admin, tenant: str):
     """The tenant's fine-tune experiment if it exists (None if not); ConfigError if it is
-    tagged for another tenant (an untagged one, made by a fine-tune, is adopted)."""
+    tagged for another tenant, or if it is not yet the tenant's and holds runs (deleted ones
+    too); an empty one, untagged or tagged for the tenant, is adopted."""
+    from mlflow.entities import ViewType
+
     name = T.finetune_experiment_name(tenant)
     experiment = admin.client.get_experiment_by_name(name)
     if experiment is None:
@@ -412,36 +480,101 @@ def _tenant_experiment(admin: Admin, tenant: str):
             f"tenants add {tenant}: experiment {name!r} already exists and is tagged for tenant "
             f"{owner!r}; inspect it and delete it (as the admin) before adding the tenant"
         )
+    experiment_id = experiment.experiment_id
+    if _has_own_grant(admin.auth.users(), tenant, access.EXPERIMENT, experiment_id):
+        return experiment
+    runs = len(
+        _all_pages(
+            admin.client.search_runs, experiment_ids=[experiment_id], run_view_type=ViewType.ALL
+        )
+    )
+    if runs:
+        raise ConfigError(
+            f"tenants add {tenant}: experiment {name!r} (id {experiment_id}) was made by another "
+            f"user{_holders_text(admin, access.EXPERIMENT, experiment_id)} and holds {runs} "
+            f"run{'s' if runs != 1 else ''}; it is not taken over with them: delete it as the "
+            f"admin and purge it (mlflow gc --experiment-ids {experiment_id}), then run this again"
+        )
     return experiment
+
+
+def _own_grants(users: list[dict], resource_type: str, resource_id: str) -> list[tuple[dict, dict]]:
+    """``(user, grant)`` for each user's own grant (not a role's) on the resource; the user
+    who created it holds MANAGE there, an admin included."""
+    found = []
+    for user in users:
+        for role in user.get("roles") or []:
+            if not _is_own_role(role, user):
+                continue
+            for p in role.get("permissions") or []:
+                if (p["resource_type"], p["resource_pattern"]) == (resource_type, resource_id):
+                    found.append((user, p))
+    return found
+
+
+def _has_own_grant(users: list[dict], username: str, resource_type: str, resource_id: str) -> bool:
+    return any(
+        user["username"] == username for user, _ in _own_grants(users, resource_type, resource_id)
+    )
+
+
+def _holders_text(admin: Admin, resource_type: str, resource_id: str) -> str:
+    """`` (mallory holds MANAGE)``: the non-admin users with grants of their own on it."""
+    held = [
+        f"{user['username']} holds {p['permission']}"
+        for user, p in _own_grants(admin.auth.users(), resource_type, resource_id)
+        if not user["is_admin"]
+    ]
+    return f" ({', '.join(held)})" if held else ""
+
+
+def _untrusted_backbone(users: list[dict], name: str) -> str:
+    """Why registered model ``name`` is not a backbone of the platform ("" if it is): an admin
+    or a pretraining user must hold MANAGE on it, and nobody else a grant of its own."""
+    grants = _own_grants(users, access.REGISTERED_MODEL, name)
+    trusted = [user for user, p in grants if _is_trusted(user) and p["permission"] == "MANAGE"]
+    others = sorted(
+        f"{user['username']}:{p['permission']}" for user, p in grants if not _is_trusted(user)
+    )
+    if others:
+        return f"held by {', '.join(others)}: not an admin or a pretraining user"
+    if not trusted:
+        return "no admin or pretraining user holds MANAGE on it"
+    return ""
+
+
+def _is_trusted(user: dict) -> bool:
+    """An admin, or a member of the role ``unisrec-pretrainers``."""
+    return bool(user["is_admin"]) or any(
+        role["name"] == PRETRAINERS_ROLE for role in user.get("roles") or []
+    )
 
 
 def _revoke_others(admin: Admin, tenant: str, resource_type: str, resource_id: str) -> list[str]:
     """Revoke every other non-admin user's own grant on the resource (someone who created it
     first holds MANAGE on it); returns ``user:PERMISSION`` of each revoked grant."""
     revoked = []
-    for user in admin.auth.users():
+    for user, p in _own_grants(admin.auth.users(), resource_type, resource_id):
         if user["is_admin"] or user["username"] == tenant:
             continue
-        for role in user.get("roles") or []:
-            if not _is_own_role(role, user):
-                continue
-            for p in role.get("permissions") or []:
-                if (p["resource_type"], p["resource_pattern"]) == (resource_type, resource_id):
-                    admin.auth.revoke(user["username"], resource_type, resource_id)
-                    revoked.append(f"{user['username']}:{p['permission']}")
+        admin.auth.revoke(user["username"], resource_type, resource_id)
+        revoked.append(f"{user['username']}:{p['permission']}")
     return revoked
 
 
 def _grant(admin: Admin, user: str, resource_type: str, resource_id: str, permission: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
+    """Give ``user`` exactly ``permission`` on the resource as a grant of its own: a new
+    grant, or the one it holds changed in place (never revoked first, so a call that fails
+    leaves the user what it had)."""
+    held = [
+        p
+        for found, p in _own_grants(admin.auth.users(), resource_type, resource_id)
+        if found["username"] == user
+    ]
+    if not held:
         admin.auth.grant(user, resource_type, resource_id, permission)
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-        admin.auth.revoke(user, resource_type, resource_id)
-        admin.auth.grant(user, resource_type, resource_id, permission)
+    elif held[0]["permission"] != permission:
+        admin.auth.update_grant(held[0]["id"], permission)
 
 
 def _role_id(admin: Admin, role: str) -> int:
@@ -474,13 +607,19 @@ def _role_grants(admin: Admin, role: str, want: set[tuple[str, str]]) -> int:
 
 
 def _registered_models(admin: Admin) -> list[str]:
-    names, token = [], None
+    return [m.name for m in _all_pages(admin.client.search_registered_models)]
+
+
+def _all_pages(search, **kwargs) -> list:
+    """Every result of an MLflow client ``search_*`` call, page after page (a server returns
+    at most one page per call, however many results it holds)."""
+    found, token = [], None
     while True:
-        page = admin.client.search_registered_models(max_results=1000, page_token=token)
-        names += [m.name for m in page]
+        page = search(max_results=PAGE_SIZE, page_token=token, **kwargs)
+        found += list(page)
         token = page.token
         if not token:
-            return names
+            return found
 
 
 def _run_experiments(admin: Admin, models: list[str]) -> set[str]:
@@ -489,7 +628,9 @@ def _run_experiments(admin: Admin, models: list[str]) -> set[str]:
 
     runs: dict[str, str | None] = {}
     for name in models:
-        for version in admin.client.search_model_versions(f"name='{name}'"):
+        for version in _all_pages(
+            admin.client.search_model_versions, filter_string=f"name='{name}'"
+        ):
             if version.run_id and version.run_id not in runs:
                 try:
                     runs[version.run_id] = admin.client.get_run(version.run_id).info.experiment_id

@@ -179,7 +179,17 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
         help="grant the roles READ on backbones and adaptors registered since the last add",
         description="Gives role unisrec-tenants READ on every backbone (and the experiments of "
         "its runs) and role unisrec-readers READ on those and on every adaptor model and "
-        "fine-tune experiment. `tenants add` and `add-reader` do this too.",
+        "fine-tune experiment. `tenants add` and `add-reader` do this too. A backbone counts "
+        "only if an admin or a pretraining user (role unisrec-pretrainers) holds MANAGE on it "
+        "(as its creator does) and nobody else holds a grant of its own; the others are "
+        "listed under refused_backbones and granted to nobody.",
+    )
+    s.add_argument(
+        "--pretrain-users",
+        default="",
+        metavar="A,B",
+        help="users that register backbones (pretraining jobs); added to the role "
+        "unisrec-pretrainers, which is kept for later syncs",
     )
     s.set_defaults(func=cmd_tenants_sync)
     s = tenants_sub.add_parser(
@@ -306,7 +316,8 @@ def cmd_tenants_add_reader(args: argparse.Namespace) -> int:
 def cmd_tenants_sync(args: argparse.Namespace) -> int:
     from cluster.accounts import connect, sync
 
-    print(json.dumps(sync(connect(args.tracking_uri)), indent=2))
+    users = [u.strip() for u in args.pretrain_users.split(",") if u.strip()]
+    print(json.dumps(sync(connect(args.tracking_uri), users), indent=2))
     return 0
 
 

@@ -17,7 +17,10 @@ granted by default (``default_permission = NO_PERMISSIONS``). The admin's passwo
 store before the server starts, so the password never goes into a file or to the server
 process. The auth config (``ROOT/auth/basic_auth.ini``) and the Flask secret key
 (``ROOT/auth/secret_key``, unless ``$MLFLOW_FLASK_SERVER_SECRET_KEY`` is set) are private to
-the user that runs the server.
+the user that runs the server, and so is all of ROOT: it holds every tenant's runs and
+weights (the sqlite store, the artifacts), which the permissions guard only over HTTP. ROOT
+is made 0700, what it holds 0700 (folders) and 0600 (files), and the server runs with umask
+077, so what it writes later is private too.
 
 ``mlflow server`` serves through uvicorn worker processes, and stopping only the PID it
 returns leaves them running. So the server runs in a session of its own, and
@@ -49,6 +52,7 @@ DEFAULT_PORT = 5000
 SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 ADMIN_PASSWORD_ENV = "UNISREC_ADMIN_PASSWORD"
+PRIVATE_UMASK = 0o077  # with --auth: what the server writes is its user's alone
 SECRET_KEY_ENV = "MLFLOW_FLASK_SERVER_SECRET_KEY"  # what MLflow's auth app reads (CSRF)
 MIN_PASSWORD_CHARS = 12  # MLflow's own rule for user passwords
 # The admin password older MLflow versions shipped in basic_auth.ini; never accepted.
@@ -150,6 +154,21 @@ def write_auth_config(root: Path, auth: AuthSettings) -> Path:
     return path
 
 
+def make_private(root: Path) -> None:
+    """``root`` 0700 and everything under it only its owner's: folders 0700, files 0600
+    (links are left alone: they may point outside)."""
+    root.chmod(0o700)
+    for folder, folders, files in os.walk(root):
+        for name in folders:
+            path = Path(folder, name)
+            if not path.is_symlink():
+                path.chmod(0o700)
+        for name in files:
+            path = Path(folder, name)
+            if not path.is_symlink():
+                path.chmod(0o600)
+
+
 def secret_key(root: Path) -> str:
     """``$MLFLOW_FLASK_SERVER_SECRET_KEY``, else one kept in ``ROOT/auth/secret_key`` (made
     once, 0600), so a restarted server keeps the key its forms were signed with."""
@@ -202,7 +221,7 @@ def start_server(
 
     ``port=None`` picks a free port. ``root`` holds the log (``server.log``) and, unless
     given elsewhere, the sqlite store and the artifacts. With ``auth``, the server runs
-    MLflow's basic-auth app (see the module's docstring). Raises RuntimeError with the end of
+    MLflow's basic-auth app and ``root`` is private to this user (see the module's docstring). Raises RuntimeError with the end of
     the log if the server exits first, TimeoutError if it does not answer in ``timeout_s``.
     """
     root = Path(root)
@@ -213,15 +232,18 @@ def start_server(
         root, host, port, backend_store_uri, artifacts_destination, auth=auth is not None
     )
     env = {**os.environ, **SERVER_ENV}
+    umask = -1  # Popen's "leave it as it is"
     if auth is not None:
         config_path = write_auth_config(root, auth)
         ensure_admin(config_path, auth)
-        for path in config_path.parent.iterdir():  # the user store too, when it is sqlite
-            path.chmod(0o600)
         for key in AUTH_ENV_OVERRIDES:
             env.pop(key, None)
         env.update(MLFLOW_AUTH_CONFIG_PATH=str(config_path), **{SECRET_KEY_ENV: secret_key(root)})
-    with open(log_path, "ab") as log:
+        make_private(root)  # the store, the artifacts, the user store, the log
+        umask = PRIVATE_UMASK
+    log_mode = 0o600 if auth is not None else 0o666
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, log_mode)
+    with os.fdopen(log_fd, "ab") as log:
         process = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
@@ -229,6 +251,7 @@ def start_server(
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,  # its own process group and session: see stop_server
+            umask=umask,
         )
     # A server bound to every interface is still reached through loopback from here.
     reachable = "127.0.0.1" if host in ("0.0.0.0", "") else host
