@@ -225,7 +225,7 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from cluster.jobs import follow, follow_hint, job_spec, submit
-    from unisrec.access import tracking_credentials
+    from unisrec.access import Credentials, credentials_package
 
     job_args, config = list(args.args), None
     if args.job in CONFIG_JOBS:
@@ -240,17 +240,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
         _check_options(args.job, job_args)
     else:
         _check_config(args.job, config, job_args)
-    spec = job_spec(
-        args.job,
-        config,
-        job_args,
-        working_dir=args.working_dir,
-        tracking_uri=args.tracking_uri,
-        # The job calls the tracking server as the submitting user (--env overrides).
-        env={**tracking_credentials(), **_parse_env(args.env)},
-        pip=args.pip,
-    )
-    job_id = submit(args.address, spec, submission_id=args.submission_id)
+    # The job calls the tracking server as the submitting user, read from a private file
+    # uploaded with it (never its environment, which Ray shows to anyone on the dashboard).
+    with credentials_package(Credentials.current()) as credentials:
+        spec = job_spec(
+            args.job,
+            config,
+            job_args,
+            working_dir=args.working_dir,
+            tracking_uri=args.tracking_uri,
+            env=_parse_env(args.env),
+            pip=args.pip,
+            credentials=credentials,
+        )
+        job_id = submit(args.address, spec, submission_id=args.submission_id)
     print(f"submitted {args.job} job {job_id} to {args.address}: {spec.entrypoint}")
     if not args.wait:
         print(follow_hint(args.address, job_id))

@@ -30,10 +30,13 @@ What travels with the job, and what does not:
 * ``MLFLOW_TRACKING_URI`` is set on every node by ``ray_cluster.yaml``; ``--tracking-uri``
   overrides it for one job.
 * The submitting user's tracking credentials (``MLFLOW_TRACKING_USERNAME`` /
-  ``MLFLOW_TRACKING_PASSWORD``, or MLflow's credentials file) travel as the job's environment,
-  so on a server started with ``--auth`` the job has that user's permissions and no more.
-  Ray shows a job's environment to whoever can reach its dashboard: keep the dashboard
-  private (``ray dashboard`` forwards it to your machine only).
+  ``MLFLOW_TRACKING_PASSWORD``, or MLflow's credentials file) travel as a private package
+  uploaded with the job (``py_modules``: a credentials file, 0600), not as its environment,
+  which Ray shows in its dashboard, ``ray job list`` and the state API. The job's driver and
+  every Ray worker it starts read it at start (``unisrec.access.load_credentials_package``,
+  the job's ``worker_process_setup_hook``), so on a server started with ``--auth`` the job
+  has that user's permissions and no more. The package lies in Ray's storage (GCS) and, once
+  unpacked, in its session directory on the nodes that run the job's processes.
 """
 
 from __future__ import annotations
@@ -86,13 +89,17 @@ def runtime_env(
     tracking_uri: str = "",
     env: dict[str, str] | None = None,
     pip: list[str] | tuple[str, ...] = (),
+    credentials: dict | None = None,
 ) -> dict:
     """Ray's ``runtime_env`` for a job: code upload, environment variables, extra packages.
 
     ``pip`` installs packages into a job-private virtualenv on every node (slow the first
     time); leave it empty when the cluster image already has the dependencies.
+    ``credentials`` is :func:`unisrec.access.credentials_package`'s part (the package, its
+    name, the workers' setup hook), merged in.
     """
-    env_vars = dict(env or {})
+    credentials = dict(credentials or {})
+    env_vars = {**credentials.pop("env_vars", {}), **(env or {})}
     if tracking_uri:
         env_vars["MLFLOW_TRACKING_URI"] = tracking_uri
     spec: dict = {"working_dir": str(Path(working_dir).resolve()), "excludes": list(EXCLUDES)}
@@ -100,7 +107,7 @@ def runtime_env(
         spec["env_vars"] = env_vars
     if pip:
         spec["pip"] = list(pip)
-    return spec
+    return {**spec, **credentials}
 
 
 def job_spec(
@@ -111,6 +118,7 @@ def job_spec(
     tracking_uri: str = "",
     env: dict[str, str] | None = None,
     pip: list[str] | tuple[str, ...] = (),
+    credentials: dict | None = None,
 ) -> JobSpec:
     """The spec that runs ``unisrec JOB CONFIG ARGS...`` on the cluster (``recommend-batch``
     takes no CONFIG: ``config`` None, its options in ``args``).
@@ -122,7 +130,7 @@ def job_spec(
     if config is None:
         return JobSpec(
             entrypoint=entrypoint(job, None, args),
-            runtime_env=runtime_env(root, tracking_uri, env, pip),
+            runtime_env=runtime_env(root, tracking_uri, env, pip, credentials),
             metadata={"unisrec.job": job},
         )
     config_path = Path(config).resolve()
@@ -136,7 +144,7 @@ def job_spec(
     relative = config_path.relative_to(root).as_posix()
     return JobSpec(
         entrypoint=entrypoint(job, relative, args),
-        runtime_env=runtime_env(root, tracking_uri, env, pip),
+        runtime_env=runtime_env(root, tracking_uri, env, pip, credentials),
         metadata={"unisrec.job": job, "unisrec.config": relative},
     )
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from unisrec.access import load_credentials_package
 from unisrec.jobs import JOB_CONFIGS, config_class
 from unisrec.runtime import VERBOSE_ENV, quiet_libraries, use_loopback
 
@@ -252,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     use_loopback()  # before any command imports ray
+    load_credentials_package()  # a submitted job's tracking user (unisrec/access.py)
     args = build_parser().parse_args(argv)
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"  # read by Ray workers too (unisrec.runtime.ensure_ray)

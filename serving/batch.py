@@ -246,14 +246,22 @@ class TenantRanker:
     (history items in the catalogue) and ``unknown`` (the other history keys)."""
 
     def __init__(
-        self, uri: str, tracking_uri: str, k: int, exclude_history: bool, torch_threads: int
+        self,
+        uri: str,
+        tracking_uri: str,
+        k: int,
+        exclude_history: bool,
+        torch_threads: int,
+        credentials=None,  # unisrec.access.Credentials: the driver's tracking user
     ):
         import torch
 
         from adaptors.publish import load_adaptor
+        from unisrec.access import use_credentials
         from unisrec.tracking import configure_mlflow
 
         torch.set_num_threads(torch_threads)
+        use_credentials(credentials)
         configure_mlflow(tracking_uri)
         self.recommender = load_adaptor(uri)  # its catalogue's item vectors: computed once
         self.k = k
@@ -387,7 +395,7 @@ def _rank(
     import ray
     from tqdm import tqdm
 
-    from unisrec.access import tracking_credentials
+    from unisrec.access import Credentials
     from unisrec.runtime import verbose
 
     if not verbose():  # our bar counts users; Ray Data's own bars and logs with -v
@@ -403,6 +411,9 @@ def _rank(
             "k": cfg.k,
             "exclude_history": cfg.exclude_history,
             "torch_threads": cfg.torch_threads,
+            # Actors load the adaptor as this process's tracking user, in a Ray it did not
+            # start too: an argument (shown by name only), never env_vars of a runtime_env.
+            "credentials": Credentials.current(),
         },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
@@ -410,8 +421,6 @@ def _rank(
         # would leave none for listing the input files.
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
         num_cpus=cfg.torch_threads,
-        # Actors load the adaptor as this process's tracking user, in a Ray it did not start too.
-        runtime_env={"env_vars": tracking_credentials()},
     )
     counts = {"read": 0, "recommended": 0, "skipped_no_known_item": 0, "with_unknown_items": 0}
     unknown_total, examples, rows = 0, [], 0

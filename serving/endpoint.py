@@ -334,24 +334,23 @@ def build_app(cfg: EndpointConfig):
     from ray.exceptions import RayActorError, WorkerCrashedError
     from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
-    from unisrec.access import tracking_credentials
+    from unisrec.access import Credentials, use_credentials
 
     api = FastAPI(title="unisrec recommendations")
     settings = asdict(cfg)
     logging_config = {"enable_access_log": cfg.access_log}
     # Replicas call the tracking server as the user who started the endpoint, whether this
-    # process started Ray (its workers inherit the environment) or joined a running one.
-    env = {
-        **tracking_credentials(),
-        **(direct_ingress_env(cfg.port) if cfg.ingress == "direct" else {}),
-    }
+    # process started Ray or joined a running one: an argument of theirs (shown nowhere),
+    # not their runtime_env (Ray shows its env_vars in the dashboard and the state API).
+    credentials = Credentials.current()
+    env = direct_ingress_env(cfg.port) if cfg.ingress == "direct" else {}
     replica_options = {"num_cpus": 0, "runtime_env": {"env_vars": env}}
     # A model replica died or is being replaced: the same call again reaches another replica
     # or the replacement.
     replica_gone = (RayActorError, WorkerCrashedError, ReplicaUnavailableError, BackPressureError)
 
     class TenantModels:
-        def __init__(self, settings: dict):
+        def __init__(self, settings: dict, credentials: Credentials | None = None):
             from concurrent.futures import ThreadPoolExecutor
 
             import torch
@@ -359,6 +358,7 @@ def build_app(cfg: EndpointConfig):
             from unisrec.tracking import configure_mlflow
 
             torch.set_num_threads(settings["torch_threads"])
+            use_credentials(credentials)
             configure_mlflow(settings["tracking_uri"])
             self.retry_load_s = settings["alias_refresh_s"]
             self.encoders: dict = {}  # (backbone name, version) -> {frozen encoder part: module}
@@ -452,14 +452,16 @@ def build_app(cfg: EndpointConfig):
     )
     @serve.ingress(api)
     class Endpoint:
-        def __init__(self, models, settings: dict):
+        def __init__(self, models, settings: dict, credentials: Credentials | None = None):
             from unisrec.tracking import configure_mlflow
 
             if settings["ingress"] == "direct":
                 reuse_direct_ingress_port()  # before Serve starts this replica's server
+            use_credentials(credentials)
             configure_mlflow(settings["tracking_uri"])
             self.models = models  # a handle to the TenantModels deployment, or None:
-            self.local = None if models is not None else TenantModels(settings)  # colocated
+            colocated = models is None
+            self.local = TenantModels(settings, credentials) if colocated else None
             self.cfg = EndpointConfig(**settings)
             self.versions: dict[str, tuple[str | None, float]] = {}  # tenant -> (version, when)
             self.refreshing: dict[str, asyncio.Task] = {}
@@ -666,7 +668,7 @@ def build_app(cfg: EndpointConfig):
             }
 
     if cfg.colocate:
-        return Endpoint.bind(None, settings)
+        return Endpoint.bind(None, settings, credentials)
     models = serve.deployment(
         TenantModels,
         num_replicas=cfg.replicas,
@@ -674,7 +676,7 @@ def build_app(cfg: EndpointConfig):
         ray_actor_options=replica_options,
         logging_config=logging_config,
     )
-    return Endpoint.bind(models.bind(settings), settings)
+    return Endpoint.bind(models.bind(settings, credentials), settings, credentials)
 
 
 async def _awaited(response):

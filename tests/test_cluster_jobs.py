@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import json
 import os
 import shutil
 import signal
@@ -32,6 +33,7 @@ from pretrain.deepspeed_presets import PRESETS, deepspeed_config, preset, preset
 from unisrec.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
+RAY_HEADS: dict[str, Path] = {}  # dashboard address -> the head's temp directory
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -111,24 +113,43 @@ def test_submit_checks_the_config_before_contacting_the_cluster(tmp_path):
         run_cli(["submit", "--address", closed, "--deepspeed", "zero3", "shard", str(config)])
 
 
-def test_submit_passes_the_submitting_users_tracking_credentials(tmp_path, monkeypatch):
-    import cluster.jobs
+def test_submit_sends_the_users_credentials_as_a_private_file_not_in_the_environment(
+    tmp_path, monkeypatch
+):
+    import configparser
+    import stat
 
-    sent: list[JobSpec] = []
-    monkeypatch.setattr(
-        cluster.jobs, "submit", lambda address, spec, **_: sent.append(spec) or "j1"
-    )
+    import cluster.jobs
+    from unisrec.access import CREDENTIALS_FILE, CREDENTIALS_PACKAGE_ENV, SETUP_HOOK
+
+    sent: list[tuple[JobSpec, dict]] = []
+
+    def fake_submit(address, spec, **_):
+        """What Ray would upload: the package's file, while the upload happens."""
+        (package,) = spec.runtime_env["py_modules"]
+        path = Path(package, CREDENTIALS_FILE)
+        config = configparser.ConfigParser(interpolation=None)
+        config.read(path)
+        modes = (stat.S_IMODE(Path(package).stat().st_mode), stat.S_IMODE(path.stat().st_mode))
+        sent.append((spec, {"file": dict(config["mlflow"]), "modes": modes, "path": path}))
+        return "j1"
+
+    monkeypatch.setattr(cluster.jobs, "submit", fake_submit)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "acme")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "acme-secret-1")
     args = ["submit", "--address", "http://127.0.0.1:9", "--working-dir", str(tmp_path)]
     run_cli([*args, "recommend-batch", "--tenant", "acme", "--users", "u.parquet", "--out", "r"])
-    assert sent[-1].runtime_env["env_vars"] == {
-        "MLFLOW_TRACKING_USERNAME": "acme",
-        "MLFLOW_TRACKING_PASSWORD": "acme-secret-1",
+    spec, upload = sent[-1]
+    assert "acme-secret-1" not in repr(spec)  # not in env_vars, entrypoint or metadata
+    package = Path(spec.runtime_env["py_modules"][0]).name
+    assert spec.runtime_env["env_vars"] == {CREDENTIALS_PACKAGE_ENV: package}
+    assert spec.runtime_env["worker_process_setup_hook"] == SETUP_HOOK
+    assert upload["file"] == {
+        "mlflow_tracking_username": "acme",
+        "mlflow_tracking_password": "acme-secret-1",
     }
-    run_cli([*args, "--env", "MLFLOW_TRACKING_USERNAME=other", "recommend-batch", "--tenant",
-             "acme", "--users", "u.parquet", "--out", "r"])  # fmt: skip
-    assert sent[-1].runtime_env["env_vars"]["MLFLOW_TRACKING_USERNAME"] == "other"
+    assert upload["modes"] == (0o700, 0o600)
+    assert not upload["path"].exists()  # removed once uploaded
 
 
 # --- ray_cluster.yaml -------------------------------------------------------------------------
@@ -255,7 +276,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[str]:
-    """A loopback Ray head with the Jobs server; yields the dashboard address."""
+    """A loopback Ray head with the Jobs server; yields the dashboard address (its temp
+    directory: ``RAY_HEADS[address]``)."""
     import psutil
 
     # A short temp dir: Ray's socket paths under it must stay below the 107-byte limit.
@@ -281,6 +303,7 @@ def ray_head() -> Iterator[str]:
         command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     address = f"http://127.0.0.1:{dashboard}"
+    RAY_HEADS[address] = Path(temp_dir)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -364,6 +387,62 @@ def test_submit_command_runs_the_job_and_reports_its_failure(ray_head, tmp_path,
     # The job found its config in the uploaded directory and failed on the missing dataset.
     assert str(missing / "manifest.json") in printed
     assert printed.rstrip().endswith("FAILED")
+
+
+@pytest.mark.slow
+def test_a_submitted_job_and_its_workers_call_as_the_user_without_its_password_in_ray(
+    ray_head, tmp_path, monkeypatch
+):
+    from helpers_secrets import ray_places_holding
+
+    import cluster.jobs
+    from cluster.mlflow_server import AuthSettings, start_server, stop_server
+
+    secret = "jobuser-password-0001"
+    server = start_server(tmp_path / "mlflow", auth=AuthSettings("admin-password-0001"))
+    try:
+        _as_admin_create_user(server.url, "admin-password-0001", "jobuser", secret)
+        submitted = []
+
+        def submit_probe(address, spec, **kwargs):
+            """`unisrec submit` as it is, running the probe instead of the job."""
+            probe = f"python tests/helpers_job_probe.py {server.url}"
+            submitted.append(submit(address, JobSpec(probe, spec.runtime_env), **kwargs))
+            return submitted[-1]
+
+        monkeypatch.setattr(cluster.jobs, "submit", submit_probe)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "jobuser")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secret)
+        run_cli(["submit", "--address", ray_head, "--working-dir", str(REPO), "recommend-batch",
+                 "--tenant", "acme", "--users", "u.parquet", "--out", "r"])  # fmt: skip
+        out = io.StringIO()
+        status = follow(ray_head, submitted[-1], out)
+        assert status == "SUCCEEDED", out.getvalue()[-3000:]
+        (line,) = [x for x in out.getvalue().splitlines() if x.startswith("PROBE ")]
+        assert json.loads(line.removeprefix("PROBE ")) == {
+            "cli_exit": 0,
+            "driver_user": "jobuser",
+            "worker_user": "jobuser",
+            "worker_has_password": True,
+            "command_lines_with_password": 0,
+        }
+        assert secret not in out.getvalue()
+        assert ray_places_holding(secret, ray_head, RAY_HEADS[ray_head] / "session_latest") == []
+    finally:
+        stop_server(server)
+
+
+def _as_admin_create_user(url: str, admin_password: str, username: str, password: str) -> None:
+    """Create a user on the tracking server at ``url``, calling as its admin."""
+    import requests
+
+    answer = requests.post(
+        f"{url}/api/2.0/mlflow/users/create",
+        json={"username": username, "password": password},
+        auth=("admin", admin_password),
+        timeout=60,
+    )
+    assert answer.status_code == 200, answer.text
 
 
 @pytest.mark.slow

@@ -560,9 +560,21 @@ def test_the_endpoint_serves_with_the_read_only_user(platform):
             raise AssertionError(err.read()[:2000]) from err
         assert answer["version"] == "1"
         assert [i["key"] for i in answer["items"]] == local_top_k(platform["acme"], history, 5)
+        # ... its replicas got the password, but Ray shows it nowhere.
+        assert ray_places_holding_password("serving") == []
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def ray_places_holding_password(user: str) -> list[str]:
+    """Where the local Ray (its state API, job list, session logs) shows ``user``'s password."""
+    import ray
+    from helpers_secrets import ray_places_holding
+
+    dashboard = f"http://{ray._private.worker.get_dashboard_url()}"
+    session = ray._private.worker.global_worker.node.get_session_dir_path()
+    return ray_places_holding(PASSWORDS[user], dashboard, session)
 
 
 def test_batch_recommendations_run_as_the_read_only_user(platform, tmp_path):
@@ -581,3 +593,4 @@ def test_batch_recommendations_run_as_the_read_only_user(platform, tmp_path):
         )  # fmt: skip
     assert record["version"] == "1"
     assert record["users"]["recommended"] == record["users"]["read"] > 0
+    assert ray_places_holding_password("serving") == []  # the actors got it as an argument

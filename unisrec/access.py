@@ -7,6 +7,9 @@ registered model: ``READ`` < ``EDIT`` (log runs, register versions, move aliases
 < ``MANAGE`` (delete, grant). Jobs take credentials the way MLflow does, from
 ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD``. A refused call is HTTP 403
 (``PERMISSION_DENIED``); a missing or wrong password is HTTP 401 (``UNAUTHENTICATED``).
+Processes a job starts elsewhere (Ray actors, a submitted job) get the user as a
+:class:`Credentials` argument or a private credentials file, never as environment variables
+in a Ray ``runtime_env`` (see the end of this module).
 
 Jobs check what they need before they change anything (:func:`require`), and wrap the calls
 that may still be refused in :func:`needs`, so a job ends with one
@@ -185,3 +188,118 @@ def _get(uri: str, endpoint: str, params: dict | None = None):
     return http_request(
         get_default_host_creds(uri), endpoint, "GET", params=params, max_retries=0, timeout=10
     )
+
+
+# --- credentials for processes started elsewhere ------------------------------------------
+# A password never travels in a Ray runtime_env's env_vars (Ray shows those in its dashboard,
+# `ray job list` and the state API), on a command line or in a log. Actors get a
+# :class:`Credentials` as a constructor argument; a submitted job gets a private package
+# (runtime_env ``py_modules``) holding a credentials file that its processes read at start.
+CREDENTIALS_PACKAGE_ENV = "UNISREC_TRACKING_CREDENTIALS"  # the package's name, not a secret
+CREDENTIALS_FILE = "credentials"  # in the package; MLflow's credentials-file format
+SETUP_HOOK = "unisrec.access.load_credentials_package"  # Ray runs it in every worker
+
+
+class Credentials:
+    """A tracking user and its password for another process; its text form (repr, str: what
+    Ray and logs show of an argument) names the user only. Not a dataclass on purpose: Ray
+    Data turns dataclass arguments into dicts for its dashboard."""
+
+    __slots__ = ("username", "_password")
+
+    def __init__(self, username: str, password: str):
+        self.username = username
+        self._password = password
+
+    @classmethod
+    def current(cls) -> Credentials | None:
+        """This process's tracking user (environment or MLflow's credentials file), or None."""
+        creds = tracking_credentials()
+        return cls(creds[USERNAME_ENV], creds[PASSWORD_ENV]) if creds else None
+
+    def use(self) -> None:
+        """Call the tracking server as this user from now on, in this process."""
+        import os
+
+        os.environ[USERNAME_ENV] = self.username
+        os.environ[PASSWORD_ENV] = self._password
+
+    def write(self, path) -> None:
+        """MLflow's credentials-file format, readable by this user only (0600)."""
+        import os
+
+        text = (
+            "[mlflow]\n"
+            f"{USERNAME_ENV.lower()} = {self.username}\n"
+            f"{PASSWORD_ENV.lower()} = {self._password}\n"
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+
+    def __reduce__(self):
+        return (Credentials, (self.username, self._password))
+
+    def __repr__(self) -> str:
+        return f"Credentials(user {self.username!r}, password hidden)"
+
+    __str__ = __repr__
+
+
+def use_credentials(credentials: Credentials | None) -> None:
+    """What an actor calls first with the credentials it was given (None: keep its own)."""
+    if credentials is not None:
+        credentials.use()
+
+
+@contextmanager
+def credentials_package(credentials: Credentials | None) -> Iterator[dict]:
+    """A Ray ``runtime_env`` part that gives a submitted job, and every worker it starts,
+    ``credentials`` (``{}`` for None): a package in a private temporary folder (0700) with
+    the credentials file (0600), uploaded with the job as ``py_modules``; the package's name
+    in :data:`CREDENTIALS_PACKAGE_ENV`; :data:`SETUP_HOOK` as the workers' setup hook. The
+    folder is removed when the block ends (after the upload)."""
+    import secrets
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    if credentials is None:
+        yield {}
+        return
+    folder = Path(tempfile.mkdtemp(prefix="unisrec-credentials-"))  # 0700
+    try:
+        name = f"unisrec_credentials_{secrets.token_hex(8)}"
+        (folder / name).mkdir(mode=0o700)
+        credentials.write(folder / name / CREDENTIALS_FILE)
+        yield {
+            "py_modules": [str(folder / name)],
+            "env_vars": {CREDENTIALS_PACKAGE_ENV: name},
+            "worker_process_setup_hook": SETUP_HOOK,
+        }
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def load_credentials_package() -> bool:
+    """If this process was started with a credentials package (a submitted job's driver, or
+    one of its Ray workers: :data:`SETUP_HOOK`) and has no tracking user of its own, call as
+    the package's user from now on; True if it did."""
+    import configparser
+    import os
+    import sys
+    from pathlib import Path
+
+    name = os.environ.get(CREDENTIALS_PACKAGE_ENV, "")
+    if not name or os.environ.get(USERNAME_ENV):
+        return False
+    for entry in [os.getcwd(), *sys.path]:
+        path = Path(entry or ".", name, CREDENTIALS_FILE)
+        if path.is_file():
+            path.chmod(0o600)  # unpacked by Ray with its default mode
+            config = configparser.ConfigParser(interpolation=None)
+            config.read(path, encoding="utf-8")
+            section = config["mlflow"]
+            Credentials(section[USERNAME_ENV.lower()], section.get(PASSWORD_ENV.lower(), "")).use()
+            return True
+    return False
