@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,7 +197,50 @@ def run_demo(cfg: DemoConfig) -> dict:
         f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000\n"
         f"timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
     )
+    follow_up = _follow_up_tenant(out, cfg.tenants, results)
+    if follow_up:
+        print("next (a tenant's model from the registry):")
+        print("\n".join(f"  {line}" for line in next_commands(out, tracking_uri, *follow_up)))
     return summary
+
+
+def next_commands(out: Path, tracking_uri: str, tenant: str, history: list[str]) -> list[str]:
+    """What a user types after the demo: promote a tenant's candidate, then ask the registered
+    version for recommendations, one history and every user (tests parse them with the CLI)."""
+    unisrec = _here(Path(sys.executable).parent / "unisrec")
+    return [
+        f"export MLFLOW_TRACKING_URI={tracking_uri}",
+        f"{unisrec} promote --tenant {tenant}",
+        f"{unisrec} recommend --tenant {tenant} --history {','.join(history)} -k 5",
+        f"{unisrec} recommend-batch --tenant {tenant} --all-users "
+        f"--out {_here(out / f'recs-{tenant}.parquet')} -k 50",
+        f"{unisrec} models list --tenant {tenant}",
+    ]
+
+
+def _here(path: Path) -> str:
+    """``path`` relative to the working directory when it is inside it, else absolute."""
+    path = Path(path).absolute()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _follow_up_tenant(
+    out: Path, tenants: list[TenantSpec], results: dict[str, dict]
+) -> tuple[str, list[str]] | None:
+    """The first fine-tuned tenant and the last three items of its first test user."""
+    from sharding.dataset import Dataset
+
+    for spec in tenants:
+        domain = spec.overrides.get("data.domain")
+        if domain and spec.name in results and "error" not in results[spec.name]:
+            ds = Dataset(out / "data")
+            keys = ds.items(domain).set_index("index")["key"]
+            test = ds.split(domain, "test").iloc[0]
+            return spec.name, [str(keys.loc[int(i)]) for i in test["history"]][-3:]
+    return None
 
 
 def _banner(step: str, detail: str) -> None:

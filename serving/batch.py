@@ -1,6 +1,7 @@
 """Recommendations for many users at once (``unisrec recommend-batch``), on Ray Data.
 
     unisrec recommend-batch --tenant shop --users users.parquet --out recs.parquet -k 50
+    unisrec recommend-batch --tenant shop --all-users --out recs.parquet   # data from lineage
     unisrec recommend-batch --tenant shop --all-users --data-dir runs/data --out recs.parquet
 
 The users stream through a Ray Data actor pool. Each actor loads the tenant's adaptor version
@@ -10,7 +11,8 @@ driver appends each ranked batch to one Parquet file as it arrives, so memory ho
 batches whatever the number of users.
 
 Input: ``--users`` is Parquet with ``user`` and ``history`` (a list of item keys, oldest
-first). ``--all-users`` takes every user of the dataset domain the tenant was fine-tuned on,
+first). ``--all-users`` takes every user of the dataset domain the tenant was fine-tuned on
+(from ``--data-dir``, else the directory the version's fine-tune run read: its ``data.dir``),
 each with the whole sequence the dataset holds (training items, then the validation and test
 targets): the history the endpoint would be sent for that user now. An item not in the
 catalogue is left out of its history and counted; a user with no known item left is counted
@@ -54,7 +56,7 @@ class BatchConfig:
     out: str  # RECS.parquet; its record goes beside it as RECS.parquet.json
     users: str = ""  # Parquet file or directory with user, history ("" with all_users)
     all_users: bool = False  # the tenant's own users, from data_dir
-    data_dir: str = ""  # with all_users: the dataset directory the tenant was fine-tuned on
+    data_dir: str = ""  # with all_users: the tenant's dataset directory ("" = from lineage)
     version: str = ""  # "" = the version ``alias`` points at
     alias: str = T.PRODUCTION
     k: int = 50  # rows per user (fewer when the catalogue runs out)
@@ -69,10 +71,6 @@ class BatchConfig:
         T.validate_tenant_name(self.tenant)
         if bool(self.users) == self.all_users:
             raise ConfigError("give one of --users USERS.parquet and --all-users")
-        if self.all_users and not self.data_dir:
-            raise ConfigError(
-                "--all-users needs --data-dir, the dataset directory the tenant was fine-tuned on"
-            )
         if not self.out:
             raise ConfigError("--out: name the Parquet file to write")
         for name, value in (
@@ -137,6 +135,27 @@ def resolve_version(tenant: str, version: str = "", alias: str = T.PRODUCTION) -
 
 
 # --- input ---------------------------------------------------------------------------------
+
+
+def lineage_data_dir(model: AdaptorVersion) -> str:
+    """The dataset directory ``model`` was fine-tuned on, from its fine-tune run's
+    ``data.dir``; ConfigError asking for ``--data-dir`` when the run names none or the
+    directory no longer exists."""
+    from serving.lifecycle import run_data_dir
+
+    where = f"{model.name} version {model.version}"
+    found = run_data_dir(model.run_id) if model.run_id else None
+    if not found:
+        raise ConfigError(
+            f"--all-users: the fine-tune run of {where} names no dataset directory; "
+            "give --data-dir, the dataset directory it was fine-tuned on"
+        )
+    if not Path(found).is_dir():
+        raise ConfigError(
+            f"--all-users: {where} was fine-tuned on {found}, which no longer exists; "
+            "give --data-dir, where that dataset is now"
+        )
+    return found
 
 
 def check_users_file(path: Path) -> int:
@@ -350,12 +369,13 @@ def recommend_batch(cfg: BatchConfig) -> dict:
         "data_digest": model.data_digest,
         "k": cfg.k,
         "exclude_history": cfg.exclude_history,
-        "input": {"users": str(cfg.users) or None, "all_users": cfg.all_users}
-        | ({"data_dir": str(cfg.data_dir)} if cfg.all_users else {}),
+        "input": {"users": str(cfg.users) or None, "all_users": cfg.all_users},
     }
     try:
         if cfg.all_users:
-            total = write_domain_users(Path(cfg.data_dir), model.domain, model.data_digest, staged)
+            data_dir = cfg.data_dir or lineage_data_dir(model)
+            record["input"]["data_dir"] = str(data_dir)
+            total = write_domain_users(Path(data_dir), model.domain, model.data_digest, staged)
             users = staged
         else:
             users = Path(cfg.users)

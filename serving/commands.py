@@ -9,23 +9,37 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from adaptors.commands import tenant_option
-
-DEFAULT_OUTPUT_ROOT = "runs/finetune"  # FinetuneConfig.output_root
+from serving.gate import DEFAULT_METRIC, DEFAULT_TOLERANCE
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
+    from adaptors.publish import load_adaptor
     from adaptors.topk import parse_history, top_k
+    from serving.batch import resolve_version
+    from serving.lifecycle import tenant_versions
     from unisrec.errors import ConfigError
+    from unisrec.tags import PRODUCTION
+    from unisrec.tracking import configure_mlflow
 
-    out = Path(args.output_dir or Path(DEFAULT_OUTPUT_ROOT) / tenant_option(args.tenant))
-    model, spec, catalogue = _local_tenant(out, args.tenant, args.tracking_uri)
+    configure_mlflow(args.tracking_uri)
     history = parse_history(args.history)
+    tenant_versions(tenant_option(args.tenant))  # none at all: say which store was read
+    model = resolve_version(
+        tenant_option(args.tenant), args.version or "", args.alias or PRODUCTION
+    )
+    recommender = load_adaptor(model.uri)  # as the endpoint and the batch job load a version
+    catalogue = recommender.catalogue
     try:
         recs = top_k(
-            model, spec, catalogue, [history], k=args.k, exclude_history=not args.keep_history
+            recommender.model,
+            recommender.spec,
+            catalogue,
+            [history],
+            k=args.k,
+            exclude_history=not args.keep_history,
+            item_vectors=recommender.item_vectors,
         )
     except KeyError as err:
         raise ConfigError(f"--history: {err.args[0]}") from err
@@ -33,24 +47,6 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     for rank, (key, score) in enumerate(recs[0], start=1):
         print(f"{rank:3d}  {score:9.4f}  {key}  {texts[key]}")
     return 0
-
-
-def _local_tenant(out: Path, tenant: str, tracking_uri: str):
-    """Model, spec and catalogue from a tenant's fine-tune output; ConfigError if absent
-    (checked before the MLflow store, which holds the backbone, is opened)."""
-    from adaptors.bundle import SPEC_FILE, load_bundle
-    from adaptors.catalogue import META_FILE, Catalogue
-    from unisrec.errors import ConfigError
-    from unisrec.tracking import configure_mlflow
-
-    if not (out / "adaptor" / SPEC_FILE).is_file() or not (out / "catalogue" / META_FILE).is_file():
-        raise ConfigError(
-            f"--tenant {tenant}: no fine-tune output in {out} (run `unisrec finetune CONFIG.yaml "
-            f"tenant={tenant}` first, or point --output-dir at the tenant's output)"
-        )
-    configure_mlflow(tracking_uri)
-    model, spec = load_bundle(out / "adaptor")
-    return model, spec, Catalogue.load(out / "catalogue")
 
 
 def cmd_recommend_batch(args: argparse.Namespace) -> int:
@@ -98,10 +94,17 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from unisrec.tracking import configure_mlflow
 
     configure_mlflow(args.tracking_uri)
-    result = promote(tenant_option(args.tenant), args.version)
+    result = promote(
+        tenant_option(args.tenant),
+        args.version,
+        metric=args.metric,
+        tolerance=args.tolerance,
+        force=args.force,
+    )
     print(
         f"{result['model']}: production -> version {result['version']} (was {result['previous']})"
     )
+    print(f"  gate: {result['gate']}")
     return 0
 
 
@@ -160,16 +163,18 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "recommend",
         help="print a tenant's top-k items for a history of item keys",
-        description="Reads the tenant's output directory (adaptor/ and catalogue/) and, for a frozen "
-        "backbone, the backbone from the MLflow registry. Writes nothing; prints rank, score, item key "
-        "and text.",
+        description="Reads the tenant's registered adaptor from the MLflow registry (--version, "
+        "or the version --alias points at, default production), as `unisrec serve` and "
+        "`unisrec recommend-batch` do. Writes nothing; prints rank, score, item key and text.",
     )
     p.add_argument("--tenant", required=True)
     p.add_argument("--history", required=True, help="item keys, oldest first: ITEM,ITEM,...")
     p.add_argument("-k", type=int, default=10, help="how many items")
     p.add_argument("--keep-history", action="store_true", help="allow items already in the history")
-    p.add_argument(
-        "--output-dir", help="the tenant's fine-tune output (default runs/finetune/<tenant>)"
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--version", help="the adaptor version to rank with")
+    which.add_argument(
+        "--alias", help="rank with the version this alias points at (default production)"
     )
     p.add_argument(
         "--tracking-uri",
@@ -183,7 +188,8 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
         help="top-k for many users at once (Ray Data actor pool) into one Parquet file",
         description="Reads USERS.parquet (columns user and history, a list of item keys oldest "
         "first), or with --all-users every user of the dataset domain the tenant was fine-tuned "
-        "on (--data-dir) with their whole sequence, and the tenant's registered adaptor "
+        "on with their whole sequence (from --data-dir, else from the directory the version's "
+        "fine-tune run read), and the tenant's registered adaptor "
         "(--version, or the version --alias points at, default production). Writes RECS.parquet "
         "(user, rank, item, score; the run's record in the schema metadata) and "
         "RECS.parquet.json (tenant, version, MLflow run id, counts). Unknown items are left out of a history and counted; "
@@ -204,7 +210,9 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
         "--all-users", action="store_true", help="every user of the tenant's dataset domain"
     )
     p.add_argument(
-        "--data-dir", help="with --all-users: the dataset directory the tenant was fine-tuned on"
+        "--data-dir",
+        help="with --all-users: the dataset directory the tenant was fine-tuned on (default: "
+        "the one its fine-tune run read)",
     )
     p.add_argument("--out", required=True, metavar="RECS.parquet", help="the Parquet file to write")
     p.add_argument("-k", type=int, default=50, help="items per user")
@@ -251,11 +259,32 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
         "promote",
         help="point a tenant's production alias at a version (default: its candidate)",
         description="Moves the alias production of unisrec-adaptor-<tenant> (what `unisrec serve` "
-        "serves) and tags the version with unisrec.promoted_by, unisrec.promoted_at and "
-        "unisrec.promoted_from. Roll back by promoting the previous version.",
+        "serves) if the promotion gate lets the version through: its validation --metric (its "
+        "fine-tune run's best_valid_*) may be at most --tolerance (an absolute drop) below the "
+        "production version's. A first promotion, and a version that was in production before "
+        "(a rollback), pass. Tags the version with unisrec.promoted_by, unisrec.promoted_at, "
+        "unisrec.promoted_from and the gate's numbers (unisrec.gate_*), and with --force past a "
+        "refusal unisrec.forced_by. Roll back by promoting the previous version.",
     )
     p.add_argument("--tenant", required=True)
     p.add_argument("--version", help="version to promote (default: the candidate)")
+    p.add_argument(
+        "--metric",
+        default=DEFAULT_METRIC,
+        help=f"validation metric the gate compares, recall@K or ndcg@K (default {DEFAULT_METRIC})",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help="how far (absolute) the version's metric may fall below production's "
+        f"(default {DEFAULT_TOLERANCE:g})",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="promote although the gate refuses; tags who forced it (unisrec.forced_by)",
+    )
     p.add_argument(
         "--tracking-uri",
         default="",

@@ -1,14 +1,17 @@
 """A tenant's adaptor versions in the registry: promotion, catalogue versions, the listing.
 
-    unisrec promote --tenant crafts               # candidate -> production
+    unisrec promote --tenant crafts               # candidate -> production, if the gate agrees
+    unisrec promote --tenant crafts --force       # ... even if its valid metric is worse
     unisrec promote --tenant crafts --version 1   # rollback: promote the earlier version
     unisrec catalogue add --tenant crafts new.csv # production + new items -> new production
     unisrec models list
 
 A fine-tune registers its version with the alias ``candidate``; :func:`promote` moves
-``production`` (what ``unisrec serve`` serves) and tags the promoted version with who, when
-and which version it replaced. :func:`add_catalogue_version` registers a new version with the
-same weights and a longer catalogue, tagged with the version it extends. Tag names:
+``production`` (what ``unisrec serve`` serves) when the promotion gate (serving/gate.py) lets
+the version through, and tags the promoted version with who, when, which version it replaced
+and the gate's numbers. :func:`add_catalogue_version` registers a new version with the same
+weights and a longer catalogue, tagged with the version it extends. :func:`run_valid_metrics`
+and :func:`run_data_dir` read a version's lineage back from its fine-tune run. Tag names:
 ``unisrec/tags.py``; their meaning: docs/data-format.md, "Registry tags".
 
 On a tracking server with users, reading needs READ on the tenant's registered model and
@@ -26,6 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.gate import (
+    DEFAULT_METRIC,
+    DEFAULT_TOLERANCE,
+    Contender,
+    PromotionRefused,
+    check_gate_options,
+    promotion_decision,
+)
 from unisrec import access
 from unisrec import tags as T
 from unisrec.errors import ConfigError
@@ -65,21 +76,45 @@ def _versions(name: str, permission: str = "READ") -> dict[str, object]:
     found = {str(v.version): v for v in client.search_model_versions(f"name='{name}'")}
     if not found:
         raise ConfigError(
-            f"--tenant: no registered model {name!r} (fine-tune the tenant first: "
-            "unisrec finetune CONFIG.yaml tenant=NAME)"
+            f"--tenant: no registered model {name!r} in {client.tracking_uri} (fine-tune the "
+            "tenant first: unisrec finetune CONFIG.yaml tenant=NAME, or point --tracking-uri "
+            "or MLFLOW_TRACKING_URI at the store that has it)"
         )
     return found
 
 
-def promote(tenant: str, version: str | None = None, by: str | None = None) -> dict[str, str]:
+def tenant_versions(tenant: str) -> list[str]:
+    """The tenant's registered adaptor versions, oldest first; ConfigError naming the
+    tracking store when it has none."""
+    return sorted(_versions(T.adaptor_model_name(tenant)), key=int)
+
+
+def promote(
+    tenant: str,
+    version: str | None = None,
+    by: str | None = None,
+    *,
+    metric: str = DEFAULT_METRIC,
+    tolerance: float = DEFAULT_TOLERANCE,
+    force: bool = False,
+    gated: bool = True,
+) -> dict[str, str]:
     """Point ``production`` of the tenant's adaptor at ``version`` (default: the
-    ``candidate``). Tags the version with who, when and the production version it replaced.
-    Promoting an earlier version is a rollback. Returns name, version and previous."""
+    ``candidate``) if the promotion gate lets it (serving/gate.py: its valid ``metric`` at
+    most ``tolerance`` below production's), else raise PromotionRefused naming both numbers;
+    ``force`` promotes anyway and tags who forced it. ``gated=False`` skips the comparison
+    (a catalogue version: the weights of the production version it extends).
+
+    Tags the version with who, when, the production version it replaced and the gate's
+    numbers. Promoting an earlier production version is a rollback. Returns model, version,
+    previous and the gate's one line."""
     name = T.adaptor_model_name(tenant)
     versions = _versions(name, "EDIT")
     access.require("EDIT", access.REGISTERED_MODEL, name)
+    label = f"version {version}"
     if version is None:
         version = alias_version(name, T.CANDIDATE)
+        label = f"{T.CANDIDATE} version {version}"
         if version is None:
             raise ConfigError(
                 f"--version: {name} has no {T.CANDIDATE!r} version; name one of "
@@ -91,16 +126,81 @@ def promote(tenant: str, version: str | None = None, by: str | None = None) -> d
             f"--version: {name} has no version {version} (it has {sorted(versions, key=int)})"
         )
     previous = alias_version(name, T.PRODUCTION) or "none"
-    client = _client()
-    stamp = {
-        T.PROMOTED_BY: by or _who(),
+    who = by or _who()
+    stamp: dict[str, str | None] = {
+        T.PROMOTED_BY: who,
         T.PROMOTED_AT: datetime.now(UTC).isoformat(timespec="seconds"),
         T.PROMOTED_FROM: previous,
     }
+    gate = "not gated"
+    if gated:
+        check_gate_options(metric, tolerance)
+        challenger = _contender(versions[version], label)
+        champion = (
+            _contender(versions[previous], f"{T.PRODUCTION} version {previous}")
+            if previous in versions
+            else None
+        )
+        decision = promotion_decision(champion, challenger, metric, tolerance)
+        if not decision.promote and not force:
+            raise PromotionRefused(
+                f"{name} not promoted: {decision.reason}; --force promotes it anyway"
+            )
+        gate = decision.reason if decision.promote else f"forced by {who}: {decision.reason}"
+        stamp |= {
+            T.GATE_METRIC: metric,
+            T.GATE_VALUE: _number(challenger.metrics.get(metric)),
+            T.GATE_PRODUCTION_VALUE: _number(champion.metrics.get(metric) if champion else None),
+            T.GATE_TOLERANCE: f"{tolerance:g}",
+            T.GATE_DECISION: gate,
+            T.FORCED_BY: None if decision.promote else who,
+        }
+    _set_tags(name, version, stamp)
+    _client().set_registered_model_alias(name, T.PRODUCTION, version)
+    return {"model": name, "version": version, "previous": previous, "gate": gate}
+
+
+def _contender(mv, label: str) -> Contender:
+    """A registered version as the gate sees it: its source run's valid metrics."""
+    return Contender(
+        label=label,
+        metrics=run_valid_metrics(mv.run_id) if mv.run_id else {},
+        was_production=T.PROMOTED_AT in mv.tags,
+    )
+
+
+def run_valid_metrics(run_id: str) -> dict[str, float]:
+    """A fine-tune run's best validation metrics, named as the gate names them
+    (``best_valid_ndcg_at_10`` -> ``ndcg@10``)."""
+    prefix = T.VALID_METRIC_PREFIX
+    with access.needs("READ", "the experiment of run", run_id):
+        metrics = _client().get_run(run_id).data.metrics
+    return {
+        key[len(prefix) :].replace("_at_", "@"): value
+        for key, value in metrics.items()
+        if key.startswith(prefix)
+    }
+
+
+def run_data_dir(run_id: str) -> str | None:
+    """The dataset directory a fine-tune run read (its ``data.dir`` param), if it names one."""
+    with access.needs("READ", "the experiment of run", run_id):
+        return _client().get_run(run_id).data.params.get(T.DATA_DIR_PARAM) or None
+
+
+def _set_tags(name: str, version: str, stamp: dict[str, str | None]) -> None:
+    """Set each tag of ``stamp`` on the version; a None value removes the tag if present."""
+    client = _client()
+    present = client.get_model_version(name, version).tags
     for key, value in stamp.items():
-        client.set_model_version_tag(name, version, key, value)
-    client.set_registered_model_alias(name, T.PRODUCTION, version)
-    return {"model": name, "version": version, "previous": previous}
+        if value is not None:
+            client.set_model_version_tag(name, version, key, value)
+        elif key in present:
+            client.delete_model_version_tag(name, version, key)
+
+
+def _number(value: float | None) -> str:
+    return "none" if value is None else repr(float(value))
 
 
 def _who() -> str:
@@ -170,7 +270,7 @@ def add_catalogue_version(
             extra_tags={T.EXTENDS_VERSION: base, T.ADDED_ITEMS: str(len(keys))},
         )
     if alias == T.PRODUCTION:
-        promote(tenant, new_version)
+        promote(tenant, new_version, gated=False)
     else:
         _client().set_registered_model_alias(name, T.CANDIDATE, new_version)
     return {

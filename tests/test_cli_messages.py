@@ -38,11 +38,15 @@ def test_config_show_of_a_missing_file(capsys):
     )
 
 
-def test_recommend_for_a_tenant_without_outputs_says_to_finetune(capsys, tmp_path):
+def test_recommend_for_a_tenant_without_a_model_names_the_store_and_says_to_finetune(
+    capsys, tmp_path
+):
+    store = f"sqlite:///{tmp_path}/mlflow.db"
     line = one_error_line(
-        capsys, ["recommend", "--tenant", "ghost", "--history", "a", "--output-dir", str(tmp_path)]
+        capsys, ["recommend", "--tenant", "ghost", "--history", "a", "--tracking-uri", store]
     )
-    assert "no fine-tune output" in line and "unisrec finetune" in line
+    assert f"no registered model 'unisrec-adaptor-ghost' in {store}" in line
+    assert "unisrec finetune" in line
 
 
 def test_submit_without_a_cluster_says_how_to_start_one(capsys, tmp_path, monkeypatch):
@@ -77,3 +81,21 @@ def test_progress_line_counts_steps_and_estimates_the_time_left():
     line = progress_line(40, 240, 1, 3.21012, 61.23, seconds_per_step=1.5)
     # 200 steps left at 1.5 s a step: 300 s.
     assert line == "step 40/240 (17%) epoch 1 loss 3.2101 61.2 seq/s ETA 5m00s"
+
+
+def test_the_demos_next_commands_are_commands_the_cli_takes(tmp_path, monkeypatch):
+    import shlex
+
+    from recipes.cli import build_parser
+    from recipes.demo import next_commands
+
+    monkeypatch.chdir(tmp_path)
+    lines = next_commands(tmp_path / "runs" / "demo", "sqlite:///x.db", "crafts", ["a", "b"])
+    assert lines[0] == "export MLFLOW_TRACKING_URI=sqlite:///x.db"
+    parser = build_parser()
+    for line in lines[1:]:
+        program, *argv = shlex.split(line)
+        assert program.endswith("unisrec"), line
+        args = parser.parse_args(argv)  # exits (SystemExit) on an option the CLI lacks
+        assert getattr(args, "tenant", "crafts") == "crafts"
+    assert "--history a,b" in lines[2] and "runs/demo/recs-crafts.parquet" in lines[3]

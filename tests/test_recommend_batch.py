@@ -1,8 +1,9 @@
 """Batch recommendations (``unisrec recommend-batch``) on a tiny fine-tuned tenant and a local
 Ray: the same answers as the serving top-k (what ``unisrec recommend`` and the endpoint
 compute) for the same histories, unknown items left out and counted, the output's columns and
-record as docs/data-format.md describes them, clear errors for bad input, submission to a
-cluster, and the benchmark script's real ``main()`` on tiny data.
+record as docs/data-format.md describes them, every user of the tenant's dataset found from
+its lineage, clear errors for bad input, submission to a cluster, and the benchmark script's
+real ``main()`` on tiny data. ``unisrec recommend`` reads the same registered version.
 """
 
 from __future__ import annotations
@@ -194,6 +195,74 @@ def test_all_users_are_ranked_on_their_whole_sequence(tenant, local_ray, tmp_pat
     assert set(got) == set(keys) and record["users"]["read"] == len(keys)
     for user, want in zip(train["user"], serving_top_k(tenant, sequences), strict=True):
         assert_same_ranking(got[keys[user]], want)
+
+
+def test_all_users_without_data_dir_reads_the_dataset_its_lineage_names(
+    tenant, local_ray, tmp_path, capsys
+):
+    out = tmp_path / "recs.parquet"
+    argv = ["recommend-batch", "--tenant", "shop", "--all-users", "--out", str(out),
+            "-k", str(K), "--tracking-uri", tenant["uri"], "-q"]  # fmt: skip
+    assert cli(argv) == 0
+    assert "unisrec-adaptor-shop version 1:" in capsys.readouterr().out
+    record = json.loads(Path(f"{out}.json").read_text())
+    assert record["input"] == {"users": None, "all_users": True, "data_dir": str(tenant["data"])}
+    users = Dataset(tenant["data"]).users("office")
+    assert record["users"]["read"] == len(users) == len(read_recommendations(out))
+
+
+def test_all_users_names_the_lineage_directory_that_no_longer_exists(tenant, tmp_path, capsys):
+    moved = tmp_path / "moved"
+    tenant["data"].rename(moved)
+    try:
+        argv = ["recommend-batch", "--tenant", "shop", "--all-users",
+                "--out", str(tmp_path / "recs.parquet"), "--tracking-uri", tenant["uri"]]  # fmt: skip
+        assert cli(argv) == 2
+    finally:
+        moved.rename(tenant["data"])
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --all-users: unisrec-adaptor-shop version 1 was fine-tuned on {tenant['data']}, "
+        "which no longer exists; give --data-dir, where that dataset is now"
+    ]
+    assert not (tmp_path / "recs.parquet").exists()
+
+
+# --- unisrec recommend: the same registered version ---------------------------------------
+
+
+def test_recommend_reads_the_registered_version_without_a_fine_tune_directory(
+    tenant, tmp_path, capsys, monkeypatch
+):
+    history = ["office-item-3", "office-item-4", "office-item-5"]
+    expected = serving_top_k(tenant, [history])[0]
+    output = Path(tenant["output_dir"])
+    output.rename(tmp_path / "elsewhere")  # no fine-tune output anywhere it could look
+    monkeypatch.chdir(tmp_path)
+    try:
+        for which in ([], ["--version", "1"], ["--alias", "candidate"]):
+            capsys.readouterr()
+            argv = ["recommend", "--tenant", "shop", "--history", ",".join(history),
+                    "-k", str(K), "--tracking-uri", tenant["uri"], *which]  # fmt: skip
+            assert cli(argv) == 0
+            lines = capsys.readouterr().out.splitlines()
+            got = [(line.split()[2], float(line.split()[1])) for line in lines]
+            assert [key for key, _ in got] == [key for key, _ in expected]
+            assert [s for _, s in got] == pytest.approx([s for _, s in expected], abs=1e-4)
+            assert "office item number" in lines[0]
+    finally:
+        (tmp_path / "elsewhere").rename(output)
+
+
+def test_recommend_names_a_missing_version_alias_or_model(tenant, tmp_path, capsys):
+    base = ["recommend", "--history", "office-item-1", "--tracking-uri", tenant["uri"]]
+    for options, message in (
+        (["--tenant", "shop", "--version", "7"], "error: --version: unisrec-adaptor-shop has no version 7"),
+        (["--tenant", "shop", "--alias", "nightly"], "error: --alias: unisrec-adaptor-shop has no 'nightly' version"),
+        (["--tenant", "nobody"], f"error: --tenant: no registered model 'unisrec-adaptor-nobody' in {tenant['uri']}"),
+    ):  # fmt: skip
+        assert cli([*base, *options]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(message), err
 
 
 # --- bad input -----------------------------------------------------------------------------

@@ -136,7 +136,7 @@ def test_recommend_command_prints_top_k_with_item_text(tenants, capsys):
     register_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(
         ["recommend", "--tenant", "shop", "--history", "office-item-7,office-item-8", "-k", "3",
-         "--output-dir", str(tenants["shop"]), "--tracking-uri", tenants["uri"]]
+         "--alias", "candidate", "--tracking-uri", tenants["uri"]]
     )  # fmt: skip
     assert args.func(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()

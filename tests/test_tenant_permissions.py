@@ -461,8 +461,7 @@ def test_the_reader_loads_production_adaptors_but_cannot_change_them(platform):
     )
     assert admin_view(url) == before
     result = unisrec(
-        ["recommend", "--tenant", "acme", "--history", ",".join(history), "-k", "5",
-         "--output-dir", platform["acme"]["output_dir"]],
+        ["recommend", "--tenant", "acme", "--history", ",".join(history), "-k", "5"],
         "serving", url,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

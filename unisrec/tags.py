@@ -42,6 +42,14 @@ BASELINE = "unisrec.baseline"
 PROMOTED_BY = "unisrec.promoted_by"
 PROMOTED_AT = "unisrec.promoted_at"  # ISO 8601, UTC
 PROMOTED_FROM = "unisrec.promoted_from"  # the production version before, or "none"
+# Set with them: the promotion gate's comparison (serving/gate.py) and, past a refusal, who
+# forced it. Values are numbers as text, or "none" where a side has no such metric.
+GATE_METRIC = "unisrec.gate_metric"  # the validation metric compared, e.g. ndcg@10
+GATE_VALUE = "unisrec.gate_value"  # this version's valid metric
+GATE_PRODUCTION_VALUE = "unisrec.gate_production_value"  # the replaced production's
+GATE_TOLERANCE = "unisrec.gate_tolerance"  # the absolute drop allowed
+GATE_DECISION = "unisrec.gate_decision"  # the gate's one line
+FORCED_BY = "unisrec.forced_by"  # who promoted it although the gate refused (else absent)
 # Set on a version made by `unisrec catalogue add`: same weights, a longer catalogue.
 EXTENDS_VERSION = "unisrec.extends_version"
 ADDED_ITEMS = "unisrec.added_items"
@@ -49,6 +57,10 @@ ADDED_ITEMS = "unisrec.added_items"
 CHECKPOINT_STEP = "unisrec.checkpoint_step"
 CHECKPOINT_EPOCH = "unisrec.checkpoint_epoch"  # epochs completed at that step (fractional)
 HELDOUT_LOSS = "unisrec.heldout_loss"  # its held-out loss ("none" without held-out shards)
+
+# On a fine-tune run (read back by the promotion gate and `recommend-batch --all-users`).
+VALID_METRIC_PREFIX = "best_valid_"  # + metric with '@' as '_at_': best_valid_ndcg_at_10
+DATA_DIR_PARAM = "data.dir"  # the dataset directory it was fine-tuned on (absolute)
 
 # Tenant names end up in model names, run names and directory names: keep them boring.
 TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
