@@ -48,6 +48,7 @@ from sharding.windows import training_windows
 from unisrec import tags
 from unisrec.config import to_dict
 from unisrec.errors import ConfigError
+from unisrec.tracking import logged_model_id
 
 log = logging.getLogger(__name__)
 
@@ -503,15 +504,6 @@ def log_lineage_inputs(dataset: Dataset, domain: str, spec: AdaptorSpec) -> None
                     tags.BACKBONE_VERSION,
                     tags.BACKBONE_RUN_ID,
                 )
-
-
-def logged_model_id(version) -> str | None:
-    """The logged model behind a registered ``ModelVersion`` (MLflow 3 registers
-    ``models:/<model id>`` as its source), or None for a version registered otherwise."""
-    if version.model_id:
-        return version.model_id
-    source = version.source or ""
-    return source[len("models:/") :] if source.startswith("models:/m-") else None
 
 
 @dataclass

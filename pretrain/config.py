@@ -127,6 +127,16 @@ class FaultInjection:
 
 
 @dataclass
+class InitConfig:
+    """Where the weights start: random (seeded) or a registered backbone's."""
+
+    # Continue pretraining from this backbone (models:/NAME@ALIAS or models:/NAME/VERSION):
+    # its Transformer and adaptor weights; the optimizer starts fresh. Its text encoder,
+    # vector size and model shape must match this config's (checked before Ray starts).
+    backbone: str = ""
+
+
+@dataclass
 class PretrainConfig:
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     model: BackboneConfig = field(default_factory=BackboneConfig)
@@ -135,6 +145,7 @@ class PretrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     fault: FaultInjection = field(default_factory=FaultInjection)
+    init: InitConfig = field(default_factory=InitConfig)
     output_dir: str = "runs/pretrain"
     seed: int = 42
     log_every: int = 10  # steps between metric reports

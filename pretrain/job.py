@@ -1,6 +1,8 @@
 """The pretraining job (``unisrec pretrain CONFIG.yaml``), run from the driver.
 
-1. open an MLflow run: the whole config as params, the dataset manifest as an input, git commit
+1. open an MLflow run: the whole config as params, the dataset manifest as an input, git commit;
+   with ``init.backbone`` the parent backbone's weights (checked against the config) and its
+   lineage (tags, a model input of the run)
 2. Ray Train ``TorchTrainer`` runs :func:`pretrain.worker.train_loop_per_worker` on N workers
    (restarted from the last checkpoint on failure; ``--resume`` continues a stopped run)
 3. consolidate the checkpoint with the lowest held-out loss (the final one when the dataset
@@ -25,6 +27,7 @@ from unisrec.tracking import (
     config_params,
     configure_mlflow,
     git_commit,
+    logged_model_id,
     set_experiment,
 )
 
@@ -58,13 +61,8 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
 
 
 def _run_pretrain(cfg: PretrainConfig, resume: bool, opened: dict[str, str], lock) -> dict:
-    import mlflow
-    from mlflow.tracking import MlflowClient
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from pretrain.worker import deepspeed_config, train_loop_per_worker
-    from unisrec.runtime import ensure_ray, verbose
+    from pretrain.worker import deepspeed_config
+    from unisrec.runtime import ensure_ray
 
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -81,78 +79,35 @@ def _run_pretrain(cfg: PretrainConfig, resume: bool, opened: dict[str, str], loc
     ds_config = deepspeed_config(cfg)  # a user's DeepSpeed file is read (and checked) here
     dataset.check_shards(cfg.data.shard_base or None)  # a truncated shard: named, before Ray
 
-    # 1. The MLflow run (the same one again on --resume).
+    # 1. The MLflow run (the same one again on --resume), and the parent backbone, if any.
     previous = _read_run_state(out) if resume else None
     if resume and previous is None:
         raise FileNotFoundError(f"--resume: no earlier run in {out} ({RUN_STATE} missing)")
-    set_experiment(cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
-    run_name = (
-        previous["ray_run_name"] if previous else f"pretrain-{time.strftime('%Y%m%d-%H%M%S')}"
+    parent = (previous or {}).get("parent") or _write_parent(cfg, dataset, out)
+    run_id, run_name = _open_run(cfg, dataset, ds_config, previous, parent)
+    (out / RUN_STATE).write_text(
+        json.dumps({"run_id": run_id, "ray_run_name": run_name, "parent": parent})
     )
-    with mlflow.start_run(
-        run_id=previous["run_id"] if previous else None, run_name=run_name
-    ) as run:
-        run_id = run.info.run_id
-        if not previous:
-            mlflow.log_params(config_params(cfg))
-            mlflow.set_tags(
-                {
-                    "git_commit": git_commit(),
-                    tags.KIND: "pretrain",
-                    tags.DATA_DIGEST: dataset.digest,
-                }
-            )
-            log_mlflow_input(dataset, context="pretraining")
-            mlflow.log_dict(dataset.manifest, "dataset_manifest.json")
-            mlflow.log_dict(ds_config, "deepspeed_config.json")
-    (out / RUN_STATE).write_text(json.dumps({"run_id": run_id, "ray_run_name": run_name}))
     opened.update(run_id=run_id, tracking_uri=cfg.mlflow.tracking_uri)
     lock.describe(run_id=run_id)
-    MlflowClient().update_run(run_id, status="RUNNING")  # until it finishes, fails or is killed
 
     # 2. Ray Train: N DeepSpeed workers; a failed worker restarts the group from the last checkpoint.
     ensure_ray(cfg.distributed.ray_address)
     storage = Path(cfg.distributed.storage_path or out / "ray").resolve()
-    # Ray keeps the best checkpoints by held-out loss (and always the latest one).
-    scored = (
-        {"checkpoint_score_attribute": "heldout_score", "checkpoint_score_order": "min"}
-        if dataset.heldout_specs(cfg.data.shard_base or None, cfg.data.domains)
-        else {}
-    )
-    resources = {"CPU": cfg.distributed.cpus_per_worker}
-    if cfg.distributed.use_gpu:
-        resources["GPU"] = 1
+    loop_config = {
+        "cfg": to_dict(cfg),
+        "mlflow_run_id": run_id,
+        "deepspeed": ds_config,
+        "storage": str(storage / run_name),
+        "init_state": parent["state_file"] if parent else "",
+    }
+    scored = bool(dataset.heldout_specs(cfg.data.shard_base or None, cfg.data.domains))
 
-    def make_trainer() -> TorchTrainer:
+    def make_trainer():
         resume_from = _set_aside_unreadable_run_state(
             storage / run_name, cfg.distributed.num_workers
         )
-        return TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={
-                "cfg": to_dict(cfg),
-                "mlflow_run_id": run_id,
-                "deepspeed": ds_config,
-                "storage": str(storage / run_name),
-                "resume_from": resume_from,
-            },
-            scaling_config=ScalingConfig(
-                num_workers=cfg.distributed.num_workers,
-                use_gpu=cfg.distributed.use_gpu,
-                resources_per_worker=resources,
-            ),
-            run_config=RunConfig(
-                name=run_name,
-                storage_path=str(storage),
-                # Restarts are made by _fit_with_restarts, which knows which errors repeat.
-                failure_config=FailureConfig(max_failures=0),
-                checkpoint_config=CheckpointConfig(
-                    num_to_keep=cfg.distributed.keep_checkpoints, **scored
-                ),
-                # Ray Train's per-step messages only with -v: rank 0 prints its own progress line.
-                logging_config=LoggingConfig(log_level="INFO" if verbose() else "ERROR"),
-            ),
-        )
+        return _trainer(cfg, {**loop_config, "resume_from": resume_from}, storage, run_name, scored)
 
     started = time.perf_counter()
     result = _fit_with_restarts(make_trainer, cfg.distributed.max_failures, storage / run_name)
@@ -172,6 +127,7 @@ def _run_pretrain(cfg: PretrainConfig, resume: bool, opened: dict[str, str], loc
         tags.CHECKPOINT_STEP: str(chosen_state.get("step")),
         tags.CHECKPOINT_EPOCH: f"{best['epoch']:.3f}" if best else str(chosen_state.get("epoch")),
         tags.HELDOUT_LOSS: f"{best['heldout_loss']:.6f}" if best else "none",
+        **(_parent_tags(parent) if parent else {}),
     }
 
     # 4. Register with lineage, then the summary.
@@ -188,19 +144,113 @@ def _run_pretrain(cfg: PretrainConfig, resume: bool, opened: dict[str, str], loc
         config_hash=config_hash(cfg),
         extra_tags=chosen_tags,
     )
-    history = _metric_history(run_id)
     summary = {
         "run_id": run_id,
         "registered_model": cfg.mlflow.registered_model,
         "model_version": version,
         "model_uri": f"models:/{cfg.mlflow.registered_model}@{cfg.mlflow.alias}",
         "tracking_uri": cfg.mlflow.tracking_uri,
+        **_run_figures(run_id, final_metrics, wall),
+        "checkpoint": final.path,
+        "registered_checkpoint": chosen.path,
+        "registered_step": chosen_state.get("step"),
+        "best_heldout": best,  # step, epoch, heldout_loss (+ per domain) of the registered one
+        # the parent backbone's held-out losses on this run's data, before any step
+        "initial_heldout": final_metrics.get("initial_heldout"),
+        "parent_backbone": f"{parent['name']}/{parent['version']}" if parent else None,
+        "heldout_history": _metric_history(run_id, "heldout_loss"),
+        "num_workers": cfg.distributed.num_workers,
+        "zero_stage": ds_config["zero_optimization"]["stage"],
+    }
+    import mlflow
+
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metric("wall_seconds", wall)
+        mlflow.log_dict(summary, "summary.json")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _plot_loss(run_id, out / "pretrain_loss.png")
+    return summary
+
+
+def _open_run(
+    cfg: PretrainConfig, dataset: Dataset, ds_config: dict, previous: dict | None, parent
+) -> tuple[str, str]:
+    """Start the MLflow run (or reopen ``previous``'s on --resume): config as params, the
+    dataset as an input, commit and lineage tags. Returns (run id, Ray run name); the run
+    stays RUNNING until the job finishes, fails or is killed."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    set_experiment(cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
+    run_name = (
+        previous["ray_run_name"] if previous else f"pretrain-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    with mlflow.start_run(
+        run_id=previous["run_id"] if previous else None, run_name=run_name
+    ) as run:
+        if not previous:
+            mlflow.log_params(config_params(cfg))
+            mlflow.set_tags(
+                {
+                    "git_commit": git_commit(),
+                    tags.KIND: "pretrain",
+                    tags.DATA_DIGEST: dataset.digest,
+                }
+            )
+            log_mlflow_input(dataset, context="pretraining")
+            mlflow.log_dict(dataset.manifest, "dataset_manifest.json")
+            mlflow.log_dict(ds_config, "deepspeed_config.json")
+            if parent:
+                _log_parent(parent)
+    MlflowClient().update_run(run.info.run_id, status="RUNNING")
+    return run.info.run_id, run_name
+
+
+def _trainer(cfg: PretrainConfig, loop_config: dict, storage: Path, run_name: str, scored: bool):
+    """Ray Train's TorchTrainer over :func:`pretrain.worker.train_loop_per_worker`; Ray keeps
+    the best checkpoints by held-out loss when ``scored`` (and always the latest one)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pretrain.worker import train_loop_per_worker
+    from unisrec.runtime import verbose
+
+    resources = {"CPU": cfg.distributed.cpus_per_worker}
+    if cfg.distributed.use_gpu:
+        resources["GPU"] = 1
+    keep = {"checkpoint_score_attribute": "heldout_score", "checkpoint_score_order": "min"}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.distributed.num_workers,
+            use_gpu=cfg.distributed.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage),
+            # Restarts are made by _fit_with_restarts, which knows which errors repeat.
+            failure_config=FailureConfig(max_failures=0),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.distributed.keep_checkpoints, **(keep if scored else {})
+            ),
+            # Ray Train's per-step messages only with -v: rank 0 prints its own progress line.
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "ERROR"),
+        ),
+    )
+
+
+def _run_figures(run_id: str, final_metrics: dict, wall: float) -> dict:
+    """The summary's progress and throughput figures (throughput: means over the logged
+    windows, without Ray and DeepSpeed start-up)."""
+    history = _metric_history(run_id)
+    return {
         "steps": final_metrics.get("step"),
         "stopped_on_plateau": bool(final_metrics.get("plateau", False)),
         "resumed_from_step": final_metrics.get("started_at_step", 0),  # of the last start
         "samples_seen": final_metrics.get("samples_seen"),
         "wall_seconds": wall,
-        # Training throughput (mean over logged windows; excludes Ray and DeepSpeed start-up).
         "sequences_per_second": _mean_metric(run_id, "sequences_per_second"),
         "tokens_per_second": _mean_metric(run_id, "tokens_per_second"),
         "targets_per_second": _mean_metric(run_id, "targets_per_second"),
@@ -208,20 +258,58 @@ def _run_pretrain(cfg: PretrainConfig, resume: bool, opened: dict[str, str], loc
         "final_loss_seq_item": final_metrics.get("loss_seq_item"),
         "final_loss_seq_seq": final_metrics.get("loss_seq_seq"),
         "first_loss": history[0][1] if history else None,
-        "checkpoint": final.path,
-        "registered_checkpoint": chosen.path,
-        "registered_step": chosen_state.get("step"),
-        "best_heldout": best,  # step, epoch, heldout_loss (+ per domain) of the registered one
-        "heldout_history": _metric_history(run_id, "heldout_loss"),
-        "num_workers": cfg.distributed.num_workers,
-        "zero_stage": ds_config["zero_optimization"]["stage"],
     }
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_metric("wall_seconds", wall)
-        mlflow.log_dict(summary, "summary.json")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    _plot_loss(run_id, out / "pretrain_loss.png")
-    return summary
+
+
+PARENT_STATE_FILE = "parent_backbone.pt"
+
+
+def _write_parent(cfg: PretrainConfig, dataset: Dataset, out: Path) -> dict | None:
+    """Resolve ``init.backbone`` to one version, check it fits the config and the dataset
+    (:func:`pretrain.registry.parent_backbone`), and write its weights for the workers.
+
+    Returns ``{"name", "version", "run_id", "model_id", "state_file"}`` (recorded in
+    ``run.json``, so a resumed run keeps the same parent even if the alias moved), or None.
+    """
+    if not cfg.init.backbone:
+        return None
+    import torch
+
+    from pretrain.registry import parent_backbone
+
+    model, parent_tags = parent_backbone(
+        cfg.init.backbone, cfg.model, dataset.encoder_name, dataset.encoder_dim
+    )
+    state_file = out / PARENT_STATE_FILE
+    torch.save(model.state_dict(), state_file)
+    from mlflow.tracking import MlflowClient
+
+    version = MlflowClient().get_model_version(parent_tags["name"], parent_tags["version"])
+    return {
+        "name": parent_tags["name"],
+        "version": parent_tags["version"],
+        "run_id": parent_tags.get(tags.RUN_ID, version.run_id or ""),
+        "model_id": logged_model_id(version) or "",
+        "state_file": str(state_file),
+    }
+
+
+def _parent_tags(parent: dict) -> dict[str, str]:
+    return {
+        tags.PARENT_BACKBONE: f"{parent['name']}/{parent['version']}",
+        tags.PARENT_RUN_ID: parent["run_id"],
+    }
+
+
+def _log_parent(parent: dict) -> None:
+    """The parent backbone on the open run: its tags, and the parent's logged model as the
+    run's model input (MLflow's lineage view)."""
+    import mlflow
+    from mlflow.entities import LoggedModelInput
+
+    mlflow.set_tags(_parent_tags(parent))
+    if parent["model_id"]:
+        mlflow.log_input(model=LoggedModelInput(model_id=parent["model_id"]))
 
 
 def _set_aside_unreadable_run_state(run_dir: Path, workers: int) -> str:

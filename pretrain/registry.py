@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 import torch
 
-from pretrain.model import UniSRec
+from pretrain.model import BackboneConfig, UniSRec
 from unisrec import tags as T
 from unisrec.errors import ConfigError
 from unisrec.runtime import library_output
@@ -128,6 +128,56 @@ def _resolve(uri: str, client) -> tuple[str, str]:
     if not version.isdigit():
         raise ValueError(f"not a registry URI: {uri!r}")
     return name, version
+
+
+# The BackboneConfig fields that decide the weights' shapes (dropouts and the init range
+# may differ between a parent and the run that continues it).
+SHAPE_FIELDS = (
+    "hidden_size", "num_layers", "num_heads", "inner_size", "max_seq_len", "num_experts",
+    "whitening",
+)  # fmt: skip
+
+
+def parent_backbone(
+    uri: str, model_cfg: BackboneConfig, encoder_name: str, encoder_dim: int
+) -> tuple[UniSRec, dict[str, str]]:
+    """The registered backbone a pretraining continues from, after checking it fits.
+
+    Its text encoder and vector size must be the dataset's and its model shape
+    (:data:`SHAPE_FIELDS`) the config's; anything else is a ConfigError naming the
+    ``init.backbone`` mismatch. Returns the model and its tags (``name``, ``version``, ...).
+    """
+    try:
+        model, tags = pull_backbone(uri, encoder_name, encoder_dim)
+    except ConfigError as err:
+        raise ConfigError(f"init.{err}") from None
+    have, want = asdict(model.cfg), asdict(model_cfg)
+    differ = [
+        f"{key} {have[key]} (config: {want[key]})" for key in SHAPE_FIELDS if have[key] != want[key]
+    ]
+    if differ:
+        raise ConfigError(
+            f"init.backbone: {uri} has model " + ", ".join(differ) + "; set model.* to the "
+            "backbone's shape or pretrain from scratch"
+        )
+    return model, tags
+
+
+def backbone_lineage(name: str, version: str, client=None) -> list[tuple[str, str]]:
+    """``[(name, version), (parent name, parent version), ...]`` back to the first backbone
+    (the one without :data:`unisrec.tags.PARENT_BACKBONE`), following the version tags."""
+    from mlflow.tracking import MlflowClient
+
+    client = client or MlflowClient()
+    chain = [(name, str(version))]
+    while True:
+        parent = client.get_model_version(*chain[-1]).tags.get(T.PARENT_BACKBONE, "")
+        if not parent or len(chain) > 1000:
+            return chain
+        parent_name, _, parent_version = parent.rpartition("/")
+        if (parent_name, parent_version) in chain:  # a loop of hand-edited tags
+            return chain
+        chain.append((parent_name, parent_version))
 
 
 def describe(uri: str) -> str:

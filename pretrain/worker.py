@@ -1,8 +1,10 @@
 """The per-worker pretraining loop that Ray Train runs on every worker.
 
 1. read the dataset's text vectors and this rank's share of the shards
-2. build the UniSRec model and wrap it with DeepSpeed (ZeRO stage from the config)
-3. resume from the last checkpoint Ray hands back, if any
+2. build the UniSRec model (seeded, or a parent backbone's weights with ``init.backbone``)
+   and wrap it with DeepSpeed (ZeRO stage from the config)
+3. resume from the last checkpoint Ray hands back, if any; a continued backbone's held-out
+   loss is taken once before its first step
 4. train: every prefix of every sequence in one causal pass; negatives gathered from all
    workers with autograd
 5. rank 0 logs metrics to MLflow; every rank checkpoints through ``ray.train.report``
@@ -59,19 +61,15 @@ def progress_line(
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    from unisrec.runtime import cpu_deepspeed, library_output, quiet_train_worker
+    from unisrec.runtime import cpu_deepspeed, quiet_train_worker
 
     quiet_train_worker()  # unless -v: our progress line, not Ray's per-report messages
     cpu_deepspeed()
-    import deepspeed  # imported here: importing it in the Ray driver can break the controller
     import ray.train
 
     from pretrain.gather import Gather
     from pretrain.heldout import heldout_losses
-    from pretrain.losses import pretrain_loss
-    from pretrain.model import UniSRec
     from sharding.dataset import Dataset
-    from sharding.stream import ShardStream
 
     cfg = from_dict(PretrainConfig, loop_config["cfg"])
     run_id = loop_config.get("mlflow_run_id")
@@ -87,100 +85,44 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # 1. Data: text vectors by global item index, and this rank's stream of shards.
     dataset = Dataset(cfg.data.dir)
-    text_table = torch.from_numpy(dataset.global_embeddings()).to(device)
-    worddrop_table = torch.from_numpy(dataset.global_embeddings(worddrop=True)).to(device)
-    stream = ShardStream(
-        dataset.shard_specs(cfg.data.shard_base or None, cfg.data.domains),
-        batch_size=cfg.data.batch_size,
-        rank=rank,
-        world_size=world,
-        num_workers=cfg.data.loader_workers,
-        seed=cfg.seed,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        bucket_batches=cfg.data.bucket_batches,
-    )
+    stream = _shard_stream(cfg, dataset, rank, world)
     heldout = dataset.heldout_specs(cfg.data.shard_base or None, cfg.data.domains)  # {} = none
 
-    # 2. Model: the same seeded initialisation on every rank, then DeepSpeed.
-    torch.manual_seed(cfg.seed)
-    model = UniSRec(cfg.model, text_dim=dataset.encoder_dim)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
-    )
-    warmup = max(cfg.optim.warmup_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    with library_output():  # DeepSpeed prints its communication op's build
-        engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=scheduler,
-            config=loop_config.get("deepspeed") or deepspeed_config(cfg),
-        )
+    # 2. Model: the same seeded initialisation on every rank (or the parent backbone's
+    # weights, written by the driver), then DeepSpeed.
+    engine, scheduler = _build_engine(cfg, dataset.encoder_dim, loop_config)
     param_dtype = next(engine.module.parameters()).dtype
-    text_table, worddrop_table = text_table.to(param_dtype), worddrop_table.to(param_dtype)
+    tables = tuple(
+        torch.from_numpy(dataset.global_embeddings(worddrop=w)).to(device, param_dtype)
+        for w in (False, True)
+    )  # the items' text vectors and their word-dropped ones
     gather = Gather.from_dist()
 
     # 3. Resume: DeepSpeed state, sample accounting and this rank's RNG state.
-    state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "samples_seen": 0, "tokens_seen": 0}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and loop_config.get("resume_from"):  # Ray lost its list (job.py)
-        checkpoint = ray.train.Checkpoint.from_directory(loop_config["resume_from"])
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            ckpt_dir = _whole_checkpoint(Path(ckpt_dir), world, rank)
-            engine.load_checkpoint(str(ckpt_dir), tag=DS_TAG)
-            state = json.loads((ckpt_dir / STATE_FILE).read_text())
-            rng_file = ckpt_dir / f"rng_rank{rank}.pt"
-            if rng_file.exists():
-                torch.set_rng_state(torch.load(rng_file, weights_only=False))
-
+    state = _restore(engine, loop_config, world, rank)
     state["started_at_step"] = state["step"]  # > 0: this worker group continued a checkpoint
     logger = _MetricLogger(cfg.mlflow.tracking_uri, run_id) if rank == 0 and run_id else None
+    if heldout and loop_config.get("init_state") and "initial_heldout" not in state:
+        # Where a continued backbone starts on this run's held-out users, logged at step 0.
+        state["initial_heldout"] = heldout_losses(engine, heldout, *tables, cfg, gather, device)
+        if logger:
+            logger.log(state["initial_heldout"], 0, "heldout")
     total_steps = _total_steps(cfg, stream)
 
-    # 4. Train.
+    # 4. Train: a step, its metrics, the held-out loss where due, a checkpoint where due.
     engine.train()
     meter = _WindowMeter()
-    started, first_step = time.perf_counter(), state["step"]
+    progress = _Progress(rank, total_steps, state["step"])
     metrics: dict = {}
     while state["step"] < total_steps and not state.get("plateau"):
-        batches = stream.epoch(state["epoch"])
         epoch_length = stream.batches_in_epoch(state["epoch"])
-        for batch_index, batch in enumerate(batches):
+        for batch_index, batch in enumerate(stream.epoch(state["epoch"])):
             if batch_index < state["batch_in_epoch"]:
                 continue  # trained before the restart
-            if (
-                cfg.fault.kill_at_step
-                and cfg.fault.kill_at_step == state["step"]
-                and rank == cfg.fault.kill_rank
-            ):
-                _die_once(cfg, rank)
-            if cfg.fault.stall_at_step == state["step"] > 0 and rank == cfg.fault.kill_rank:
-                _stall_once(cfg, rank)
+            _inject_faults(cfg, rank, state["step"])
             batch = {k: v.to(device) for k, v in batch.items()}
-            out = pretrain_loss(
-                engine,
-                batch,
-                text_table,
-                worddrop_table,
-                cfg.loss,
-                step=state["step"],
-                seed=cfg.seed,
-                gather=gather,
-            )
-            engine.backward(out["loss"])
-            engine.step()
-
-            # Sample accounting over all ranks (filler rows have length 0).
-            counts = torch.stack([(batch["lengths"] > 0).sum(), batch["lengths"].sum()]).double()
-            counts = gather.all_reduce_sum(counts)
-            state["step"] += 1
+            _train_step(engine, batch, tables, cfg, state, meter, gather)
             state["batch_in_epoch"] = batch_index + 1
-            state["samples_seen"] += int(counts[0])
-            state["tokens_seen"] += int(counts[1])
-            meter.add(
-                int(counts[0]), int(counts[1]), out["queries"], out["seq_item"], out["seq_seq"]
-            )
 
             done = state["step"] >= total_steps
             if state["step"] % cfg.log_every == 0 or done:
@@ -192,37 +134,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 }
                 if logger:
                     logger.log(metrics, state["step"])
-                if rank == 0:
-                    per_step = (time.perf_counter() - started) / (state["step"] - first_step)
-                    line = progress_line(
-                        state["step"],
-                        total_steps,
-                        state["epoch"],
-                        metrics["loss"],
-                        metrics["sequences_per_second"],
-                        per_step,
-                    )
-                    sys.stdout.write(line + "\n")  # not print: Ray Train's patch echoes it twice
-                    sys.stdout.flush()
+                progress.show(state, metrics)
             end_of_epoch = state["batch_in_epoch"] == epoch_length
             score = NO_HELDOUT_SCORE  # checkpoints without a held-out loss rank last
             every = cfg.heldout_every and state["step"] % cfg.heldout_every == 0
             if heldout and (done or end_of_epoch or every):
-                held = heldout_losses(
-                    engine, heldout, text_table, worddrop_table, cfg, gather, device
-                )
+                held = heldout_losses(engine, heldout, *tables, cfg, gather, device)
                 engine.train()
                 score = held["heldout_loss"]
-                epochs_done = state["epoch"] + state["batch_in_epoch"] / epoch_length
-                best = state.get("best")
-                if best is None or score < best["heldout_loss"]:
-                    state["best"] = {"step": state["step"], "epoch": epochs_done, **held}
-                if logger:
-                    logger.log({**held, "heldout_epoch": epochs_done}, state["step"], "heldout")
-                if end_of_epoch and _plateaued(state, score, cfg.optim.min_heldout_gain):
-                    done = state["plateau"] = True  # every rank decides alike: same losses
-                if end_of_epoch:
-                    state["epoch_heldout"] = score
+                plateau = _record_heldout(state, held, epoch_length, end_of_epoch, cfg, logger)
+                done = done or plateau
             if (
                 done
                 or end_of_epoch
@@ -238,6 +159,138 @@ def train_loop_per_worker(loop_config: dict) -> None:
         else:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
+
+
+def _shard_stream(cfg: PretrainConfig, dataset, rank: int, world: int):
+    from sharding.stream import ShardStream
+
+    return ShardStream(
+        dataset.shard_specs(cfg.data.shard_base or None, cfg.data.domains),
+        batch_size=cfg.data.batch_size,
+        rank=rank,
+        world_size=world,
+        num_workers=cfg.data.loader_workers,
+        seed=cfg.seed,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        bucket_batches=cfg.data.bucket_batches,
+    )
+
+
+def _build_engine(cfg: PretrainConfig, text_dim: int, loop_config: dict):
+    """The UniSRec model (seeded, or the parent backbone's weights when the driver wrote
+    them), AdamW with linear warm-up, wrapped by DeepSpeed. Returns (engine, scheduler)."""
+    import deepspeed  # imported here: importing it in the Ray driver can break the controller
+
+    from pretrain.model import UniSRec
+    from unisrec.runtime import library_output
+
+    torch.manual_seed(cfg.seed)
+    model = UniSRec(cfg.model, text_dim=text_dim)
+    if loop_config.get("init_state"):
+        model.load_state_dict(torch.load(loop_config["init_state"], map_location="cpu"))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+    )
+    warmup = max(cfg.optim.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    with library_output():  # DeepSpeed prints its communication op's build
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=loop_config.get("deepspeed") or deepspeed_config(cfg),
+        )
+    return engine, scheduler
+
+
+def _restore(engine, loop_config: dict, world: int, rank: int) -> dict:
+    """The training state to go on from: the checkpoint Ray hands back (or the one the
+    driver found when Ray lost its list), loaded into ``engine`` with this rank's RNG state;
+    a fresh state without one."""
+    import ray.train
+
+    state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "samples_seen": 0, "tokens_seen": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and loop_config.get("resume_from"):  # Ray lost its list (job.py)
+        checkpoint = ray.train.Checkpoint.from_directory(loop_config["resume_from"])
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            ckpt_dir = _whole_checkpoint(Path(ckpt_dir), world, rank)
+            engine.load_checkpoint(str(ckpt_dir), tag=DS_TAG)
+            state = json.loads((ckpt_dir / STATE_FILE).read_text())
+            rng_file = ckpt_dir / f"rng_rank{rank}.pt"
+            if rng_file.exists():
+                torch.set_rng_state(torch.load(rng_file, weights_only=False))
+    return state
+
+
+def _train_step(
+    engine, batch: dict, tables: tuple, cfg: PretrainConfig, state: dict, meter, gather
+):
+    """One optimizer step on this rank's part of the global batch; the step and sample
+    counts (over all ranks; filler rows have length 0) go into ``state`` and ``meter``."""
+    from pretrain.losses import pretrain_loss
+
+    out = pretrain_loss(
+        engine, batch, *tables, cfg.loss, step=state["step"], seed=cfg.seed, gather=gather
+    )
+    engine.backward(out["loss"])
+    engine.step()
+    counts = torch.stack([(batch["lengths"] > 0).sum(), batch["lengths"].sum()]).double()
+    counts = gather.all_reduce_sum(counts)
+    state["step"] += 1
+    state["samples_seen"] += int(counts[0])
+    state["tokens_seen"] += int(counts[1])
+    meter.add(int(counts[0]), int(counts[1]), out["queries"], out["seq_item"], out["seq_seq"])
+
+
+def _record_heldout(
+    state: dict, held: dict, epoch_length: int, end_of_epoch: bool, cfg: PretrainConfig, logger
+) -> bool:
+    """Keep the best held-out record in ``state``, log it; True when an epoch end shows the
+    plateau (``optim.min_heldout_gain``): every rank decides alike, from the same losses."""
+    score = held["heldout_loss"]
+    epochs_done = state["epoch"] + state["batch_in_epoch"] / epoch_length
+    best = state.get("best")
+    if best is None or score < best["heldout_loss"]:
+        state["best"] = {"step": state["step"], "epoch": epochs_done, **held}
+    if logger:
+        logger.log({**held, "heldout_epoch": epochs_done}, state["step"], "heldout")
+    plateau = end_of_epoch and _plateaued(state, score, cfg.optim.min_heldout_gain)
+    if plateau:
+        state["plateau"] = True
+    if end_of_epoch:
+        state["epoch_heldout"] = score
+    return plateau
+
+
+def _inject_faults(cfg: PretrainConfig, rank: int, step: int) -> None:
+    """The recovery tests' faults (``fault.*``): this rank exits or stalls at a step."""
+    if rank != cfg.fault.kill_rank:
+        return
+    if cfg.fault.kill_at_step and cfg.fault.kill_at_step == step:
+        _die_once(cfg, rank)
+    if cfg.fault.stall_at_step == step > 0:
+        _stall_once(cfg, rank)
+
+
+class _Progress:
+    """Rank 0's progress line every logged step (see :func:`progress_line`)."""
+
+    def __init__(self, rank: int, total_steps: int, first_step: int):
+        self.rank, self.total, self.first = rank, total_steps, first_step
+        self.started = time.perf_counter()
+
+    def show(self, state: dict, metrics: dict) -> None:
+        if self.rank != 0:
+            return
+        per_step = (time.perf_counter() - self.started) / max(state["step"] - self.first, 1)
+        line = progress_line(
+            state["step"], self.total, state["epoch"], metrics["loss"],
+            metrics["sequences_per_second"], per_step,
+        )  # fmt: skip
+        sys.stdout.write(line + "\n")  # not print: Ray Train's patch echoes it twice
+        sys.stdout.flush()
 
 
 class _WindowMeter:
@@ -386,7 +439,7 @@ class _MetricLogger:
         self.run_id = run_id
         # After a restart the steps since the last checkpoint run again: log each step once.
         self.last_step = {
-            group: max((m.step for m in self.client.get_metric_history(run_id, key)), default=0)
+            group: max((m.step for m in self.client.get_metric_history(run_id, key)), default=-1)
             for group, key in self.GROUPS.items()
         }
 

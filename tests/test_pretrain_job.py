@@ -235,6 +235,85 @@ def test_heldout_loss_is_logged_per_domain_and_the_best_checkpoint_is_registered
     assert summary["best_heldout"]["heldout_loss"] == pytest.approx(best_loss)
 
 
+def test_pretraining_again_from_the_same_seed_and_data_gives_the_same_backbone(
+    workspace, with_heldout
+):
+    """A backbone lost with its output directory (a fresh machine) is pretrained again: the
+    same config, seed and shards give the same held-out losses, to 4 decimals."""
+    from pretrain.job import run_pretrain
+
+    root, _ = workspace
+    first, data = with_heldout
+    cfg = _config(root, data, "heldout-again", "optim.epochs=3", "heldout_every=2")
+    cfg.mlflow.registered_model = "unisrec-backbone-heldout-again"
+    again = run_pretrain(cfg)
+    assert again["registered_step"] == first["registered_step"]
+    for key, value in first["best_heldout"].items():
+        assert round(again["best_heldout"][key], 4) == round(value, 4), key
+
+
+@pytest.fixture(scope="module")
+def continued(workspace, with_heldout):
+    """One step of pretraining continued from the held-out run's backbone, same data."""
+    from pretrain.job import run_pretrain
+
+    root, _ = workspace
+    _, data = with_heldout
+    cfg = _config(
+        root, data, "continued", "optim.max_steps=1",
+        "init.backbone=models:/unisrec-backbone-heldout@current",
+    )  # fmt: skip
+    cfg.mlflow.registered_model = "unisrec-backbone-continued"
+    return run_pretrain(cfg)
+
+
+def test_continuing_a_backbone_starts_from_its_weights(with_heldout, continued):
+    """Before its first step the continued run scores the parent's held-out loss."""
+    parent, _ = with_heldout
+    start = continued["initial_heldout"]
+    for key in ("heldout_loss", "heldout_loss_books", "heldout_loss_games"):
+        assert start[key] == pytest.approx(parent["best_heldout"][key], rel=1e-5), key
+
+
+def test_a_continued_backbone_records_its_parent(with_heldout, continued):
+    from mlflow.tracking import MlflowClient
+
+    from pretrain.registry import backbone_lineage
+    from unisrec import tags
+    from unisrec.tracking import logged_model_id
+
+    parent, _ = with_heldout
+    client = MlflowClient(continued["tracking_uri"])
+    version = client.get_model_version("unisrec-backbone-continued", continued["model_version"])
+    assert (
+        version.tags[tags.PARENT_BACKBONE] == f"unisrec-backbone-heldout/{parent['model_version']}"
+    )
+    assert version.tags[tags.PARENT_RUN_ID] == parent["run_id"]
+    run = client.get_run(continued["run_id"])
+    assert run.data.tags[tags.PARENT_BACKBONE] == version.tags[tags.PARENT_BACKBONE]
+    parent_version = client.get_model_version("unisrec-backbone-heldout", parent["model_version"])
+    assert [m.model_id for m in run.inputs.model_inputs] == [logged_model_id(parent_version)]
+    assert backbone_lineage("unisrec-backbone-continued", continued["model_version"], client) == [
+        ("unisrec-backbone-continued", continued["model_version"]),
+        ("unisrec-backbone-heldout", parent["model_version"]),
+    ]
+
+
+def test_a_backbone_of_another_shape_is_refused_before_training(workspace, with_heldout):
+    from pretrain.job import run_pretrain
+    from unisrec.errors import ConfigError
+
+    root, _ = workspace
+    _, data = with_heldout
+    cfg = _config(
+        root, data, "misfit", "model.hidden_size=16", "model.inner_size=16",
+        "init.backbone=models:/unisrec-backbone-heldout@current",
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"init\.backbone: .* hidden_size 32 \(config: 16\)"):
+        run_pretrain(cfg)
+    assert not (root / "misfit" / "run.json").exists()
+
+
 def test_registered_backbone_reproduces_its_heldout_loss_in_one_process(with_heldout):
     """An independent recomputation: the registered weights, one process, the held-out shard
     read in file order, eval mode -> the loss the 2-rank job logged for that checkpoint

@@ -57,6 +57,10 @@ ADDED_ITEMS = "unisrec.added_items"
 CHECKPOINT_STEP = "unisrec.checkpoint_step"
 CHECKPOINT_EPOCH = "unisrec.checkpoint_epoch"  # epochs completed at that step (fractional)
 HELDOUT_LOSS = "unisrec.heldout_loss"  # its held-out loss ("none" without held-out shards)
+# On a backbone version continued from another (`init.backbone`): the version it started
+# from, as NAME/VERSION, and that version's pretraining run; absent on a first backbone.
+PARENT_BACKBONE = "unisrec.parent_backbone"
+PARENT_RUN_ID = "unisrec.parent_run_id"
 
 # On a fine-tune run (read back by the promotion gate and `recommend-batch --all-users`).
 VALID_METRIC_PREFIX = "best_valid_"  # + metric with '@' as '_at_': best_valid_ndcg_at_10

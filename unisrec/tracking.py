@@ -173,3 +173,12 @@ def git_commit() -> str:
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def logged_model_id(version) -> str | None:
+    """The logged model behind a registered ``ModelVersion`` (MLflow 3 registers
+    ``models:/<model id>`` as its source), or None for a version registered otherwise."""
+    if version.model_id:
+        return version.model_id
+    source = version.source or ""
+    return source[len("models:/") :] if source.startswith("models:/m-") else None
