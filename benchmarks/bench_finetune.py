@@ -49,8 +49,14 @@ from adaptors.finetune import (
 from pretrain.flops import total_flops
 from sharding.dataset import Dataset
 from unisrec.config import from_dict
+from unisrec.tracking import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def significant(x: float, digits: int = 3) -> float:
+    """``x`` to ``digits`` significant digits: a tiny fraction stays above 0."""
+    return float(f"{x:.{digits}g}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -157,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         "backbone": args.backbone,
         "hidden_size": spec.backbone_config["hidden_size"],
         "trainable_parameters": sum(p.numel() for p in trainable),
+        "commit": git_commit(),
         "batch_size": args.batch_size,
         "epoch_seconds": [round(s, 3) for s in epoch_seconds],
         "mean_epoch_seconds": round(mean_epoch, 3),
@@ -173,11 +180,11 @@ def main(argv: list[str] | None = None) -> None:
         "train_matmul_peak_gflops": (
             round(train_flops / train_peak_seconds / 1e9, 2) if train_peak_seconds else None
         ),
-        "roofline_fraction": round(train_peak_seconds / last_epoch, 3) if last_epoch else None,
+        "roofline_fraction": significant(train_peak_seconds / last_epoch) if last_epoch else None,
         "eval_gflop": round(eval_flops / 1e9, 1),
         "eval_achieved_gflops": round(eval_flops / eval_seconds / 1e9, 2),
         "eval_matmul_peak_gflops": round(eval_flops / eval_peak_seconds / 1e9, 2),
-        "eval_roofline_fraction": round(eval_flops / eval_seconds / 1e9 / square_gflops, 3),
+        "eval_roofline_fraction": significant(eval_flops / eval_seconds / 1e9 / square_gflops),
         "square_size": args.square_size,
         "square_gemm_gflops": round(square_gflops, 2),
         "device": str(device),

@@ -38,8 +38,13 @@ def bucketing(data: Path, steps: int, batch_size: int, bucket_batches: int) -> d
     """Plain vs length-bucketed batches, the same number of steps each."""
     runs = {
         name: formulation_throughput(
-            data, pretrain_loss, steps, batch_size, hidden_size=300,
-            bucket_batches=buckets, roofline=False,
+            data,
+            pretrain_loss,
+            steps,
+            batch_size,
+            hidden_size=300,
+            bucket_batches=buckets,
+            roofline=False,
         )  # fmt: skip
         for name, buckets in (("plain", 0), ("length_buckets", bucket_batches))
     }

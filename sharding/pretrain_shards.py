@@ -64,7 +64,9 @@ def pretraining_samples(
     samples: list[PretrainSample] = []
     for name, domain_id, offset, sequences in domains:
         for user, sequence in enumerate(sequences):
-            for w, window in enumerate(training_windows(np.asarray(sequence), max_seq_len, window_stride)):
+            for w, window in enumerate(
+                training_windows(np.asarray(sequence), max_seq_len, window_stride)
+            ):
                 samples.append(
                     PretrainSample(
                         key=f"{name}-{user:08d}-{w:03d}",

@@ -141,8 +141,9 @@ def test_bench_finetune(data, tmp_path, mode):
         "eval_gflop",
         "eval_achieved_gflops",
         "eval_matmul_peak_gflops",
-        "eval_roofline_fraction",
     )
+    # A share of the machine's matmul peak: above 0 and never above it.
+    assert 0 < result["eval_roofline_fraction"] <= 1
     assert result["train_targets"] >= result["training_windows"]  # each window queries >= 1
     assert_load_recorded(result)
     assert "aten::mm" in out.with_suffix(".profile.txt").read_text()
@@ -481,3 +482,16 @@ def test_gpu_check_script_parses_and_names_what_exists(tmp_path):
         [sys.executable, "-c", heredocs[1], str(work), str(results)], check=True, cwd=REPO
     )
     assert json.loads((results / "gpu_check.json").read_text()) == summary
+
+
+def test_committed_results_hold_only_possible_roofline_fractions():
+    """A roofline fraction is a share of the machine's matmul peak: in (0, 1] in every
+    committed result file."""
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    impossible = []
+    for path in sorted(results.glob("*.json")):
+        data = json.loads(path.read_text())
+        for key, value in data.items() if isinstance(data, dict) else ():
+            if key.endswith("roofline_fraction") and value is not None and not 0 < value <= 1:
+                impossible.append(f"{path.name}: {key} = {value}")
+    assert not impossible, impossible
