@@ -23,7 +23,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from unisrec.tags import PRODUCTION
     from unisrec.tracking import configure_mlflow
 
-    configure_mlflow(args.tracking_uri)
+    configure_mlflow(args.tracking_uri, create=False)
     history = parse_history(args.history)
     tenant_versions(tenant_option(args.tenant))  # none at all: say which store was read
     model = resolve_version(

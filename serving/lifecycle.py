@@ -64,23 +64,36 @@ def alias_version(name: str, alias: str) -> str | None:
 def _versions(name: str, permission: str = "READ") -> dict[str, object]:
     """``{version: ModelVersion}`` of a registered model; ConfigError if there is none,
     AccessDenied (naming ``permission``, what the caller needs) if the server hides it."""
+    import mlflow
     from mlflow.exceptions import MlflowException
 
-    client = _client()
-    try:
-        with access.needs(permission, access.REGISTERED_MODEL, name):
-            client.get_registered_model(name)  # a search would hide a refusal as "none"
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-    found = {str(v.version): v for v in client.search_model_versions(f"name='{name}'")}
+    uri = mlflow.get_tracking_uri()
+    found = {}
+    # A sqlite store that does not exist holds nothing: a client would create it.
+    if not _missing_sqlite_store(uri):
+        client = _client()
+        try:
+            with access.needs(permission, access.REGISTERED_MODEL, name):
+                client.get_registered_model(name)  # a search would hide a refusal as "none"
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+        found = {str(v.version): v for v in client.search_model_versions(f"name='{name}'")}
     if not found:
         raise ConfigError(
-            f"--tenant: no registered model {name!r} in {client.tracking_uri} (fine-tune the "
+            f"--tenant: no registered model {name!r} in {uri} (fine-tune the "
             "tenant first: unisrec finetune CONFIG.yaml tenant=NAME, or point --tracking-uri "
             "or MLFLOW_TRACKING_URI at the store that has it)"
         )
     return found
+
+
+def _missing_sqlite_store(uri: str) -> bool:
+    """True for a ``sqlite:///PATH`` tracking URI whose database file does not exist."""
+    from unisrec.tracking import sqlite_path
+
+    path = sqlite_path(uri)
+    return path is not None and not path.exists()
 
 
 def tenant_versions(tenant: str) -> list[str]:

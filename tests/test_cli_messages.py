@@ -47,6 +47,8 @@ def test_recommend_for_a_tenant_without_a_model_names_the_store_and_says_to_fine
     )
     assert f"no registered model 'unisrec-adaptor-ghost' in {store}" in line
     assert "unisrec finetune" in line
+    # Asking an empty place creates no store there (nor MLflow's table-creation log lines).
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_submit_without_a_cluster_says_how_to_start_one(capsys, tmp_path, monkeypatch):

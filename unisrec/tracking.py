@@ -37,17 +37,21 @@ def resolve_tracking_uri(uri: str = "") -> str:
     return uri
 
 
-def configure_mlflow(uri: str = "") -> str:
+def configure_mlflow(uri: str = "", create: bool = True) -> str:
     """Point this process's MLflow client at the store; returns the resolved URI.
 
     A tracking server is probed once first, so a server that is down fails in seconds with
-    :class:`TrackingServerError` instead of after MLflow's minutes of retries.
+    :class:`TrackingServerError` instead of after MLflow's minutes of retries. A sqlite
+    store that does not exist is created, unless ``create`` is False (a command that only
+    reads: nothing is there to read).
     """
     import mlflow
 
     resolved = resolve_tracking_uri(uri)
     probe_tracking_server(resolved)
-    init_sqlite_store(resolved)
+    path = sqlite_path(resolved)
+    if create or path is None or path.exists():
+        init_sqlite_store(resolved)
     mlflow.set_tracking_uri(resolved)
     mlflow.set_registry_uri(resolved)
     return resolved
