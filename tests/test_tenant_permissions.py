@@ -17,13 +17,14 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import pytest
 import requests
 import torch
+from helpers_auth import as_user as calling_as
+from helpers_auth import one_error_line, refused, unisrec_as
 from helpers_data import write_small_dataset
 from mlflow.exceptions import MlflowException
 from mlflow.protos import databricks_pb2
@@ -58,58 +59,19 @@ PASSWORDS = {
     "globex": "globex-password-0001",
     "serving": "serving-password-0001",
 }
-CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 TINY = {"hidden_size": 16, "inner_size": 32, "num_experts": 2, "max_seq_len": 10}
 ACME_MODEL = T.adaptor_model_name("acme")
 GLOBEX_MODEL = T.adaptor_model_name("globex")
 
 
-@contextmanager
 def as_user(user: str | None):
     """MLflow's client in this process (and what it starts) calls as ``user`` (None: nobody)."""
-    before = {key: os.environ.get(key) for key in CREDENTIALS}
-    for key in CREDENTIALS:
-        os.environ.pop(key, None)
-    if user:
-        os.environ.update(dict(zip(CREDENTIALS, (user, PASSWORDS[user]))))
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return calling_as(user, PASSWORDS.get(user or ""))
 
 
 def unisrec(args: list[str], user: str | None, url: str, **env) -> subprocess.CompletedProcess:
     """``unisrec ARGS`` in a fresh process as ``user`` against the server at ``url``."""
-    environ = {k: v for k, v in os.environ.items() if k not in CREDENTIALS}
-    environ.update(MLFLOW_TRACKING_URI=url, **env)
-    if user:
-        environ.update(dict(zip(CREDENTIALS, (user, PASSWORDS[user]))))
-    return subprocess.run(
-        [sys.executable, "-m", "recipes.cli", *args],
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    """The single ``error:`` line a refused job ends with (exit 2, no traceback)."""
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    return errors[0]
-
-
-def refused(call) -> str:
-    """The error code MLflow's client raises for ``call()``."""
-    with pytest.raises(MlflowException) as caught:
-        call()
-    return caught.value.error_code
+    return unisrec_as(args, url, user, PASSWORDS.get(user or ""), **env)
 
 
 def finetune_config(platform: dict, tenant: str, **mlflow_settings) -> dict:

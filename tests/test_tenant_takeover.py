@@ -11,13 +11,12 @@ create registered models and experiments), ``trainer`` registers backbones.
 from __future__ import annotations
 
 import json
-import os
 import stat
 import subprocess
-import sys
-from contextlib import contextmanager
 
 import pytest
+from helpers_auth import as_user as calling_as
+from helpers_auth import one_error_line, refused, unisrec_as
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -29,55 +28,19 @@ from unisrec import tags as T
 
 pytestmark = pytest.mark.slow
 
-CREDENTIALS = (access.USERNAME_ENV, access.PASSWORD_ENV)
-
 
 def password(user: str) -> str:
     return f"{user}-password-0001"
 
 
-@contextmanager
 def as_user(user: str | None):
     """MLflow's client in this process calls as ``user`` (None: nobody)."""
-    before = {key: os.environ.get(key) for key in CREDENTIALS}
-    for key in CREDENTIALS:
-        os.environ.pop(key, None)
-    if user:
-        os.environ.update(dict(zip(CREDENTIALS, (user, password(user)))))
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return calling_as(user, password(user) if user else None)
 
 
 def unisrec(args: list[str], user: str, url: str) -> subprocess.CompletedProcess:
     """``unisrec ARGS`` in a fresh process as ``user`` against the server at ``url``."""
-    environ = {k: v for k, v in os.environ.items() if k not in CREDENTIALS}
-    environ.update(MLFLOW_TRACKING_URI=url, **dict(zip(CREDENTIALS, (user, password(user)))))
-    return subprocess.run(
-        [sys.executable, "-m", "recipes.cli", *args],
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    return errors[0]
-
-
-def refused(call) -> str:
-    with pytest.raises(MlflowException) as caught:
-        call()
-    return caught.value.error_code
+    return unisrec_as(args, url, user, password(user))
 
 
 def add_tenant_command(server: dict, name: str) -> subprocess.CompletedProcess:
